@@ -1,0 +1,87 @@
+"""``specalign`` command line: a thin layer over the Python API.
+
+    specalign decode [--config x.yaml] [--flag value ...]    decode prompts (see DecodeConfig)
+    specalign bench NAME [--flag value ...]                  benchmarks (engine, spr, correlation, speculative)
+    specalign train STEP --config recipe.yaml [...]          training steps (draft, preferences, dpo, value, reward)
+
+Flags override YAML keys (TrlParser). Input errors print one line ``error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+from .errors import SpecError
+
+COMMANDS = {
+    "decode": "specalign.cli:decode_main",
+    "bench": "specalign.bench:main",
+    "train": "specalign.train.cli:main",
+    "run": "specalign.train.pipeline:main",
+}
+
+
+def parse_config(dataclass_types, args, prog: str):
+    """TrlParser over dataclasses: ``--config`` YAML, flags override; unknown keys are a SpecError."""
+    from trl import TrlParser
+    parser = TrlParser(dataclass_types, prog=prog)
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            raise SpecError("--config needs a YAML file path")
+        if not os.path.isfile(args[i + 1]):
+            raise SpecError(f"config file not found: {args[i + 1]}")
+    try:
+        return parser.parse_args_and_config(args)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        if "Unknown arguments" in msg:
+            raise SpecError(f"unknown recipe keys {msg.split(':', 1)[1].split('. Please')[0].strip()}: remove them "
+                            f"or check their spelling (`{prog} --help` lists the keys)") from None
+        raise SpecError(f"bad config: {msg}") from None
+    except Exception as exc:  # yaml errors
+        if type(exc).__module__.startswith("yaml"):
+            raise SpecError(f"config is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from None
+        raise
+
+
+def decode_main(args: list[str]) -> int:
+    from .decode.api import DecodeConfig, Decoder
+    from .decode.prompts import load_prompts
+    show = "--show" in args
+    args = [a for a in args if a != "--show"]
+    (config,) = parse_config([DecodeConfig], args, "specalign decode")
+    config.validate()
+    prompts = load_prompts(config.prompt, config.prompts, config.limit)
+    decoder = Decoder(config)
+    records = decoder.run(prompts, out=config.out)
+    for rec in records if (show or not config.out) else []:
+        print(f"\n=== prompt {rec['index']}: {rec['prompt']}")
+        print(f"--- response (score {rec['score']:.4f}, {rec['num_tokens']} tokens):\n{rec['response']}")
+        print(f"--- cost: {json.dumps(rec['cost'])}")
+    if config.out:
+        print(f"wrote {len(records)} record(s) to {config.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module, _, func = COMMANDS[argv[0]].partition(":")
+    try:
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
