@@ -93,6 +93,7 @@ class Generator:
             raise SpecError(f"n must be >= 1, got {n}")
         self.rng = rng
         self.prompt_ids = list(prompt_ids)
+        self.row_prompts = [self.prompt_ids] * n
         self.rows = [Row() for _ in range(n)]
         self.active = list(range(n))
         self._prefill(self.prompt_ids, n)
@@ -119,7 +120,7 @@ class Generator:
     def candidate(self, i: int, prompt: str):
         from ..models.scorers import Candidate
         row = self.rows[i]
-        return Candidate(prompt, self.response_text(i), row.finished, self.prompt_ids, self.response_ids(i),
+        return Candidate(prompt, self.response_text(i), row.finished, self.row_prompts[i], self.response_ids(i),
                          dict(row.stats), row.reason)
 
     def response_ids(self, i: int) -> list[int]:
@@ -194,6 +195,15 @@ class SamplingGenerator(Generator):
         logits = self.target.prefill([prompt_ids])
         self.target.repeat(n)
         self.next_logits = logits.repeat(n, 1)
+
+    def start_batch(self, prompts: list[list[int]], rng: torch.Generator | None = None) -> None:
+        """Start one row per prompt: a ragged, left-padded batch of different prompts (one prefill)."""
+        self.rng = rng
+        self.prompt_ids = list(prompts[0])
+        self.row_prompts = [list(p) for p in prompts]
+        self.rows = [Row() for _ in prompts]
+        self.active = list(range(len(prompts)))
+        self.next_logits = self.target.prefill(self.row_prompts)
 
     def _select_pending(self, keep):
         self.next_logits = self.next_logits[keep.to(self.next_logits.device)]
