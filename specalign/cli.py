@@ -41,6 +41,9 @@ def parse_config(dataclass_types, args, prog: str):
         if "Unknown arguments" in msg:
             raise SpecError(f"unknown recipe keys {msg.split(':', 1)[1].split('. Please')[0].strip()}: remove them "
                             f"or check their spelling (`{prog} --help` lists the keys)") from None
+        if "not used by the HfArgumentParser" in msg:
+            raise SpecError(f"unknown flags {msg.split(':', 1)[1].strip()}: check their spelling "
+                            f"(`{prog} --help` lists the flags)") from None
         raise SpecError(f"bad config: {msg}") from None
     except Exception as exc:  # yaml errors
         if type(exc).__module__.startswith("yaml"):
