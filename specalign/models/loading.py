@@ -124,17 +124,27 @@ def _hub_error(spec: str, exc: Exception) -> SpecError:
                      "cache offline; pass a model directory, a .gguf file or smollm2-135m-instruct")
 
 
+def _from_pretrained(loader, resolved: ResolvedSpec, source: str, **kwargs):
+    """``loader.from_pretrained`` that tries the local Hub cache first, the network only when allowed."""
+    try:
+        return loader.from_pretrained(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        from huggingface_hub import constants
+        if Path(source).exists() or constants.HF_HUB_OFFLINE:
+            raise _hub_error(resolved.spec, exc) from exc
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(resolved.spec, exc) from exc
+
+
 def load_tokenizer(spec: str | ResolvedSpec):
     """Tokenizer with left padding and a pad token, ready for batched generation."""
     from transformers import AutoTokenizer
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve(spec)
     source = resolved.adapter if resolved.adapter and (Path(resolved.adapter) / "tokenizer_config.json").is_file() \
         else _ensure_local_copy(resolved)
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise _hub_error(resolved.spec, exc) from exc
-    return prepare_tokenizer(tok)
+    return prepare_tokenizer(_from_pretrained(AutoTokenizer, resolved, source))
 
 
 def prepare_tokenizer(tok):
@@ -165,11 +175,8 @@ def load_model(spec: str | ResolvedSpec, dtype: str | torch.dtype = "float32", d
     """Load a causal LM in eval mode. A PEFT adapter dir gives a ``PeftModel`` (``adapter=False``: base only)."""
     from transformers import AutoModelForCausalLM
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve(spec)
-    device = check_device(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(_ensure_local_copy(resolved), dtype=torch_dtype(dtype))
-    except (OSError, ValueError) as exc:
-        raise _hub_error(resolved.spec, exc) from exc
+    device, dtype = check_device(device), torch_dtype(dtype)
+    model = _from_pretrained(AutoModelForCausalLM, resolved, _ensure_local_copy(resolved), dtype=dtype)
     if resolved.adapter and adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, resolved.adapter)

@@ -188,15 +188,11 @@ class RewardModelScorer(Scorer):
     def __init__(self, spec: str, dtype="float32", device="cpu", **kw):
         super().__init__(**kw)
         from transformers import AutoModelForSequenceClassification
-        from .loading import _ensure_local_copy, check_device, load_tokenizer, resolve, torch_dtype
+        from .loading import _ensure_local_copy, _from_pretrained, check_device, load_tokenizer, resolve, torch_dtype
         self.name = f"rm:{spec}"
         resolved = resolve(spec)
-        try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(_ensure_local_copy(resolved),
-                                                                            dtype=torch_dtype(dtype))
-        except (OSError, ValueError) as exc:
-            raise SpecError(f"cannot load reward model '{spec}' ({type(exc).__name__}): pass a saved "
-                            "sequence-classification model directory or a cached Hub id") from exc
+        self.model = _from_pretrained(AutoModelForSequenceClassification, resolved, _ensure_local_copy(resolved),
+                                      dtype=torch_dtype(dtype))
         self.model.to(check_device(device)).eval()
         self.tokenizer = load_tokenizer(resolved)
         if self.model.config.pad_token_id is None:
