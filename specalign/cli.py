@@ -51,21 +51,69 @@ def parse_config(dataclass_types, args, prog: str):
         raise
 
 
+def _launched_world() -> tuple[int, int]:
+    """(rank, world) when started by ``accelerate launch`` / torchrun, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def _spawn_shards(args: list[str], config) -> None:
+    """``--num-processes K``: K child processes, one shard each; raises if any fails."""
+    import subprocess
+    threads = max(1, (os.cpu_count() or 1) // config.num_processes)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen([sys.executable, "-m", "specalign.cli", "decode", *args, "--num_processes", "1",
+                               "--shard", f"{r}/{config.num_processes}"], env=env)
+             for r in range(config.num_processes)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SpecError(f"decode shards exited with codes {codes}: see their messages above; re-run the same "
+                        "command to resume")
+
+
 def decode_main(args: list[str]) -> int:
-    from .decode.api import DecodeConfig, Decoder
+    from .decode.api import DecodeConfig, Decoder, run_params
     from .decode.prompts import load_prompts
+    from .decode.runs import merge_shards
     show = "--show" in args
     args = [a for a in args if a != "--show"]
     (config,) = parse_config([DecodeConfig], args, "specalign decode")
     config.validate()
     prompts = load_prompts(config.prompt, config.prompts, config.limit)
-    decoder = Decoder(config)
-    records = decoder.run(prompts, out=config.out)
+    rank, world = _launched_world()
+    if config.shard:
+        rank, world = (int(x) for x in config.shard.split("/"))
+    if (config.num_processes > 1 or world > 1) and not config.out:
+        raise SpecError("multi-process decoding writes shards: pass --out FILE.jsonl")
+    if config.out:  # a resume with other parameters fails before any model is loaded
+        from .decode.runs import RunFile, shard_path
+        paths = [config.out] + [shard_path(config.out, r, k) for k in {world, config.num_processes} if k > 1
+                                for r in range(k)]
+        for path in paths:
+            RunFile(path, run_params(config, prompts)).check_params()
+    if config.num_processes > 1 and world == 1:
+        checker = Decoder(config)
+        for p in prompts:  # fail once, here, before any shard starts
+            checker.encode(p)
+        del checker
+        _spawn_shards(args, config)
+        records = merge_shards(config.out, config.num_processes, len(prompts), run_params(config, prompts))
+    else:
+        decoder = Decoder(config)
+        records = decoder.run(prompts, out=config.out, shard=(rank, world))
+        if world > 1 and not config.shard:  # accelerate launch: rank 0 merges once all ranks are done
+            from accelerate import PartialState
+            state = PartialState()
+            state.wait_for_everyone()
+            if state.is_main_process:
+                records = merge_shards(config.out, world, len(prompts), run_params(config, prompts))
+            else:
+                records = []
     for rec in records if (show or not config.out) else []:
         print(f"\n=== prompt {rec['index']}: {rec['prompt']}")
         print(f"--- response (score {rec['score']:.4f}, {rec['num_tokens']} tokens):\n{rec['response']}")
         print(f"--- cost: {json.dumps(rec['cost'])}")
-    if config.out:
+    if config.out and records:
         print(f"wrote {len(records)} record(s) to {config.out}", file=sys.stderr)
     return 0
 

@@ -53,6 +53,10 @@ class DecodeConfig:
     device: str = field(default="cpu", metadata={"help": "cpu | cuda[:N]"})
     out: str | None = field(default=None, metadata={"help": "output JSONL file"})
     return_candidates: bool = field(default=False, metadata={"help": "keep every candidate with its score"})
+    truncate: bool = field(default=False, metadata={"help": "left-truncate prompts too long for the context "
+                                                             "(with a warning) instead of failing"})
+    num_processes: int = field(default=1, metadata={"help": "split prompts across K processes (shards merged)"})
+    shard: str = field(default="", metadata={"help": "internal: R/K, this process's shard"})
     # speculative / SSS
     draft: str | None = field(default=None, metadata={"help": "draft model spec (SSS: DPO adapter dir = Qr)"})
     draft_ref: str | None = field(default=None, metadata={"help": "SSS: separate unaligned draft Q0"})
@@ -74,6 +78,8 @@ class DecodeConfig:
             raise SpecError(f"max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.gamma < 1:
             raise SpecError(f"gamma must be >= 1, got {self.gamma}")
+        if self.num_processes < 1:
+            raise SpecError(f"num-processes must be >= 1, got {self.num_processes}")
         if self.max_batch_tokens < 1:
             raise SpecError(f"max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
         SamplingParams(self.temperature, self.top_k, self.top_p)
@@ -124,9 +130,7 @@ def build_generator(config: DecodeConfig, model, tokenizer) -> Generator:
         return SamplingGenerator(model, tokenizer, config.sampling, config.max_new_tokens, config.stop)
     if kind == "speculative":
         from .speculative import SpeculativeGenerator
-        draft = load_model(config.draft, config.dtype, config.device)
-        return SpeculativeGenerator(model, draft, tokenizer, config.sampling, config.max_new_tokens, config.stop,
-                                    gamma=config.gamma)
+        return SpeculativeGenerator.from_specs(model, tokenizer, config)  # loads the draft, checks vocabularies
     from .sss import SSSGenerator
     return SSSGenerator.from_specs(model, tokenizer, config)
 
@@ -138,6 +142,14 @@ def build_selector(config: DecodeConfig):
     n = config.n if config.method == "best-of-n" else 1
     return BestOfN(n=n, max_batch_tokens=config.max_batch_tokens,
                    name="best-of-n" if config.method == "best-of-n" else config.method)
+
+
+def run_params(config: DecodeConfig, prompts: list[str]) -> dict:
+    """What a resumed run must share with the run it continues."""
+    import hashlib
+    digest = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()[:16]
+    return {**config.method_params(), "truncate": config.truncate, "num_prompts": len(prompts),
+            "prompts_sha256": digest}
 
 
 class Decoder:
@@ -164,11 +176,27 @@ class Decoder:
                                    max_batch_tokens=config.max_batch_tokens) if spec else None
 
     def encode(self, prompt: str) -> list[int]:
-        return chat_prompt(self.tokenizer, prompt, chat=self.config.chat)
+        """Chat-templated ids; a prompt that cannot fit the context is an error (or, with truncate, cut)."""
+        ids = chat_prompt(self.tokenizer, prompt, chat=self.config.chat)
+        model = getattr(self.generator, "model", None)
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        room = limit - self.config.max_new_tokens if limit else None
+        if room is not None and len(ids) > room:
+            if not self.config.truncate:
+                raise SpecError(f"prompt of {len(ids)} tokens + max-new-tokens {self.config.max_new_tokens} exceeds "
+                                f"the model's context of {limit}: shorten it, lower --max-new-tokens, or pass "
+                                "--truncate")
+            if room < 1:
+                raise SpecError(f"max-new-tokens {self.config.max_new_tokens} leaves no room for a prompt in the "
+                                f"context of {limit}: lower --max-new-tokens")
+            import warnings
+            warnings.warn(f"prompt truncated from {len(ids)} to its last {room} tokens to fit the context")
+            ids = ids[-room:]
+        return ids
 
-    def decode_one(self, prompt: str, index: int = 0) -> dict:
+    def decode_one(self, prompt: str, index: int = 0, ids: list[int] | None = None) -> dict:
         """One prompt -> one record: response, score, method, params, cost, (candidates, rounds)."""
-        ids = self.encode(prompt)
+        ids = self.encode(prompt) if ids is None else ids
         rng = torch.Generator(device="cpu").manual_seed(prompt_seed(self.config.seed, index))
         self.generator.reset_cost()
         if self.scorer is not None:
@@ -211,21 +239,39 @@ class Decoder:
         cost["wall_s"] = round(wall, 4)
         return cost
 
-    def run(self, prompts: list[str], out: str | None = None, progress: bool = True) -> list[dict]:
-        """Decode every prompt; with ``out``, append one flushed JSON line per finished prompt."""
+    def run_params(self, prompts: list[str]) -> dict:
+        return run_params(self.config, prompts)
+
+    def run(self, prompts: list[str], out: str | None = None, progress: bool = True,
+            shard: tuple[int, int] = (0, 1)) -> list[dict]:
+        """Decode every prompt (of this shard); with ``out``, one fsynced JSON line per finished prompt.
+
+        Re-running with the same ``out`` resumes: prompts already written are skipped and their
+        records returned as written (per-prompt seeds make the rest identical to an uninterrupted run).
+        """
         from tqdm.auto import tqdm
+        from .runs import RunFile, shard_path
+        rank, world = shard
+        encoded = [self.encode(p) for p in prompts]  # every prompt checked before anything is written
+        mine = [i for i in range(len(prompts)) if i % world == rank]
+        run_file = None
+        done: dict[int, dict] = {}
+        if out:
+            path = out if world == 1 else shard_path(out, rank, world)
+            run_file = RunFile(path, self.run_params(prompts))
+            done = run_file.load_done()
         records = []
-        handle = open(out, "a", encoding="utf-8") if out else None
-        try:
-            for index, prompt in enumerate(tqdm(prompts, desc=f"decode {self.config.method}", unit="prompt",
-                                                disable=not progress)):
-                record = self.decode_one(prompt, index)
-                records.append(record)
-                if handle:
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-        finally:
-            if handle:
-                handle.close()
+        todo = [i for i in mine if i not in done]
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"decode {self.method_name}", unit="prompt",
+                   disable=not progress)
+        for i in mine:
+            if i in done:
+                records.append(done[i])
+                continue
+            record = self.decode_one(prompts[i], i, encoded[i])
+            if run_file is not None:
+                run_file.append(record)
+            records.append(record)
+            bar.update(1)
+        bar.close()
         return records

@@ -126,6 +126,8 @@ def _hub_error(spec: str, exc: Exception) -> SpecError:
 
 def _from_pretrained(loader, resolved: ResolvedSpec, source: str, **kwargs):
     """``loader.from_pretrained`` that tries the local Hub cache first, the network only when allowed."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # a sub-second load needs no bar
     try:
         return loader.from_pretrained(source, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:
