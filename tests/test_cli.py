@@ -89,15 +89,32 @@ def test_best_of_n_picks_argmax_and_chunks(tiny_dir):
     (["--prompt", "   "], "empty prompt"),
     (["--out", "/no/such/dir/o.jsonl"], "does not exist"),
     (["--method", "speculative"], "needs --draft"),
+    (["--scorer", "python:math:nan_scorer_missing"], "cannot import"),
+    (["--scorer", "python:tests_nan_scorer:score"], "non-finite score"),
+    (["--scorer", "python:tests_nan_scorer:too_few"], "returned 1 scores for 2"),
+    (["--prompt", "hello " * 200], "exceeds the model's context of 512.*--truncate"),
+    (["--num_processes", "0"], "num-processes must be >= 1"),
 ])
-def test_bad_input_is_one_line_exit_2(args, pattern, tiny_dir, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2(args, pattern, tiny_dir, tmp_path, capsys, monkeypatch):
+    import types
+    mod = types.ModuleType("tests_nan_scorer")
+    mod.score = lambda p, r, f: [float("nan")] * len(r)
+    mod.too_few = lambda p, r, f: [1.0]
+    monkeypatch.setitem(sys.modules, "tests_nan_scorer", mod)
+    if "too_few" in " ".join(args):
+        args = args + ["--n", "2"]
+    out = tmp_path / "o.jsonl"
     base = ["--model", tiny_dir, "--max_new_tokens", "2"]
     if not {"--prompt", "--prompts"} & set(args):
         base += ["--prompt", "hello"]
-    code, out, err = _decode(base + args, capsys)
+    if "--out" not in args:
+        base += ["--out", str(out)]
+    code, _, err = _decode(base + args, capsys)
     assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and re.search(pattern, lines[0]), err
+    # progress-bar frames (erased on a terminal with \r) are not message lines
+    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and "prompt/s]" not in l]
+    assert len(lines) == 1 and lines[0].startswith("error:") and re.search(pattern, lines[0]), err
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing written, not even a params file
 
 
 def test_prompt_file_errors(tiny_dir, tmp_path, capsys):
@@ -111,6 +128,25 @@ def test_prompt_file_errors(tiny_dir, tmp_path, capsys):
         code, _, err = _decode(["--model", tiny_dir, "--prompts", str(path), "--out", str(out)], capsys)
         assert code == 2 and re.search(pattern, err), (name, err)
         assert not out.exists()
+
+
+def test_long_prompt_truncated_with_warning(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    with pytest.warns(UserWarning, match="prompt truncated"):
+        code, _, err = _decode(["--model", tiny_dir, "--prompt", "hello " * 200, "--max_new_tokens", "4",
+                                "--n", "1", "--truncate", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads(out.read_text())["num_tokens"] >= 1
+
+
+def test_malformed_yaml(tiny_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: [unclosed\n")
+    code, _, err = _decode(["--config", str(cfg), "--prompt", "hi"], capsys)
+    assert code == 2 and "not valid YAML" in err and err.count("\n") == 1
+    cfg.write_text("- just\n- a list\n")
+    code, _, err = _decode(["--config", str(cfg), "--prompt", "hi"], capsys)
+    assert code == 2 and "YAML mapping" in err
 
 
 def test_unknown_yaml_key_and_flag(tiny_dir, tmp_path, capsys):

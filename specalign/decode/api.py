@@ -264,14 +264,19 @@ class Decoder:
         todo = [i for i in mine if i not in done]
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"decode {self.method_name}", unit="prompt",
                    disable=not progress)
-        for i in mine:
-            if i in done:
-                records.append(done[i])
-                continue
-            record = self.decode_one(prompts[i], i, encoded[i])
-            if run_file is not None:
-                run_file.append(record)
-            records.append(record)
-            bar.update(1)
-        bar.close()
+        try:
+            for i in mine:
+                if i in done:
+                    records.append(done[i])
+                    continue
+                record = self.decode_one(prompts[i], i, encoded[i])
+                if run_file is not None:
+                    run_file.append(record)
+                records.append(record)
+                bar.update(1)
+        except BaseException:
+            bar.leave = False  # an error message follows: do not leave a half bar above it
+            raise
+        finally:
+            bar.close()
         return records
