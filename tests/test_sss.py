@@ -245,7 +245,11 @@ def test_implicit_reward_recorded_while_sampling(trio, tok):
     target, qr, q0 = trio
     gen = SSSGenerator(target, qr, q0, tok, SamplingParams(), max_new_tokens=20, gamma=4, eos_ids=set())
     gen.start(PROMPT, 12, torch.Generator().manual_seed(1))
+    gen.advance(8)
+    gen.drop([2, 7])  # pruning keeps every state (P, Qr, Q0) consistent for the survivors
     gen.advance()
+    assert [r.reason for r in gen.rows].count("pruned") == 2 and all(len(r.tokens) == 20 for r in gen.rows
+                                                                    if r.reason != "pruned")
     for row in gen.rows:
         ids = torch.tensor([PROMPT + row.tokens])
         with torch.no_grad():
