@@ -137,6 +137,9 @@ def build_generator(config: DecodeConfig, model, tokenizer) -> Generator:
 
 def build_selector(config: DecodeConfig):
     if config.method == "spec-rejection":
+        if str(config.alpha).strip() == "auto":
+            from .adaptive import AdaptiveRejection
+            return AdaptiveRejection.from_config(config)
         from .spec_rejection import SpeculativeRejection
         return SpeculativeRejection.from_config(config)
     n = config.n if config.method == "best-of-n" else 1
