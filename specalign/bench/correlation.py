@@ -1,0 +1,217 @@
+"""``specalign bench correlation``: how well a partial response's score predicts its final score
+(the SpR paper's Fig. 2 / Appendix B), per prompt, at several decision lengths K.
+
+For each prompt: M sampled responses (recorded by ``bench spr --work-dir``, or sampled here), each
+scored whole and truncated to its first K tokens -- exactly what Speculative Rejection's scorer sees
+at a decision after K tokens (a response that ended before K is scored whole). Per prompt and K:
+Pearson r and Kendall tau between partial and final scores; over prompts: mean, median and quartiles.
+Also per K and alpha: how often the final best response would survive one rejection at K that keeps
+round((1 - alpha) M), and the share of responses already finished by K.
+Outputs under ``--output-dir``: results.json, table.md, correlation.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import SpecError
+from .common import (RecordingSampler, Recorded, markdown_table, prefix_candidate, recorded_rows, set_threads,
+                     write_results)
+
+
+@dataclass
+class CorrelationBenchConfig:
+    samples: str = field(default="", metadata={"help": "samples.jsonl from `bench spr --work-dir` (else sample here)"})
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "model spec (tokenizer, sampling)"})
+    prompts: str = field(default="../shared/data/alpaca_farm_100.json", metadata={"help": "prompt file"})
+    limit: int = field(default=0, metadata={"help": "first N prompts only (0 = all)"})
+    n: int = field(default=32, metadata={"help": "samples per prompt when sampling here"})
+    max_new_tokens: int = field(default=128, metadata={"help": "new tokens per response when sampling here"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature when sampling here"})
+    tasks: list[str] = field(default_factory=lambda: ["loglik:self", "judge:sentiment"], metadata={"help": "scorers"})
+    ks: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64, 96], metadata={"help": "decision lengths"})
+    alphas: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9], metadata={"help": "for best-survives"})
+    seed: int = field(default=0, metadata={"help": "base seed when sampling here"})
+    threads: int = field(default=1, metadata={"help": "torch threads (0 = leave as is)"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
+    output_dir: str = field(default="benchmarks/results/correlation", metadata={"help": "where results go"})
+
+    def validate(self) -> "CorrelationBenchConfig":
+        if not self.ks or min(self.ks) < 1:
+            raise SpecError(f"ks must be decision lengths >= 1, got {self.ks}")
+        if any(not 0 <= a < 1 for a in self.alphas):
+            raise SpecError(f"alphas must be in [0, 1), got {self.alphas}")
+        if self.samples and not Path(self.samples).is_file():
+            raise SpecError(f"samples file not found: {self.samples} (write one with `specalign bench spr "
+                            "--work-dir DIR`, or leave --samples empty to sample here)")
+        if not self.samples and self.n < 2:
+            raise SpecError(f"n must be >= 2 to correlate anything, got {self.n}")
+        return self
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    pos = q * (len(xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def prompt_correlations(partial: list[float], final: list[float]) -> tuple[float, float]:
+    """(Pearson r, Kendall tau-b); NaN when either side is constant."""
+    from scipy.stats import kendalltau, pearsonr
+    if len(set(partial)) < 2 or len(set(final)) < 2:
+        return float("nan"), float("nan")
+    return float(pearsonr(partial, final)[0]), float(kendalltau(partial, final)[0])
+
+
+def best_survives(partial: list[float], final: list[float], alpha: float) -> bool:
+    """Does a final-best response rank in the top round((1 - alpha) M) by partial score (ties: lower index)?"""
+    keep = max(1, math.floor((1 - alpha) * len(partial) + 0.5 + 1e-9))
+    top = set(sorted(range(len(partial)), key=lambda i: (-partial[i], i))[:keep])
+    best = max(final)
+    return any(final[i] == best for i in top)
+
+
+def _samples(config, tokenizer, model) -> list[dict]:
+    if config.samples:
+        out = [json.loads(line) for line in Path(config.samples).read_text(encoding="utf-8").splitlines()
+               if line.strip()]
+        return out[:config.limit] if config.limit > 0 else out
+    from tqdm.auto import tqdm
+    from ..decode.api import prompt_seed
+    from ..decode.prompts import load_prompts
+    from ..decode.sampling import SamplingParams
+    from ..models.loading import chat_prompt
+    sampler = RecordingSampler(model, tokenizer, SamplingParams(config.temperature), config.max_new_tokens)
+    out = []
+    for index, prompt in enumerate(tqdm(load_prompts(prompts=config.prompts, limit=config.limit),
+                                        desc="sample", unit="prompt")):
+        ids = chat_prompt(tokenizer, prompt)
+        sampler.start(ids, config.n, torch.Generator().manual_seed(prompt_seed(config.seed, index)))
+        sampler.advance()
+        out.append({"index": index, "prompt": prompt, "prompt_ids": ids,
+                    "rows": [r.as_dict() for r in recorded_rows(sampler)]})
+    return out
+
+
+def run(config: CorrelationBenchConfig) -> dict:
+    from tqdm.auto import tqdm
+    from ..decode.generators import eos_ids_of
+    from ..models.loading import load_model, load_tokenizer
+    from ..models.scorers import build_scorer
+    config.validate()
+    set_threads(config.threads)
+    model = load_model(config.model, config.dtype)
+    tokenizer = load_tokenizer(config.model)
+    eos = eos_ids_of(model, tokenizer)
+    data = _samples(config, tokenizer, model)
+    scorers = {t: build_scorer(t, generator_model=model, generator_tokenizer=tokenizer, dtype=config.dtype)
+               for t in config.tasks}
+    ks = sorted(set(config.ks))
+    per = {t: {k: {"pearson": [], "kendall": [], "survive": {a: [] for a in config.alphas}} for k in ks}
+           for t in config.tasks}
+    finished_by = {k: [] for k in ks}
+    lengths, capped = [], []
+    for item in tqdm(data, desc="bench correlation", unit="prompt"):
+        rows = [Recorded(r["tokens"], r["token_logps"], r["reason"]) for r in item["rows"]]
+        lengths += [len(r.tokens) for r in rows]
+        capped += [r.reason == "length" for r in rows]
+        full = max(len(r.tokens) for r in rows)
+        finals = [prefix_candidate(tokenizer, item["prompt"], item["prompt_ids"], r, full, eos) for r in rows]
+        for k in ks:
+            finished_by[k].append(sum(len(r.tokens) <= k for r in rows) / len(rows))
+        for task, scorer in scorers.items():
+            final = scorer(finals)
+            for k in ks:
+                partial = scorer([prefix_candidate(tokenizer, item["prompt"], item["prompt_ids"], r, k, eos)
+                                  for r in rows])
+                r_, tau = prompt_correlations(partial, final)
+                per[task][k]["pearson"].append(r_)
+                per[task][k]["kendall"].append(tau)
+                for a in config.alphas:
+                    per[task][k]["survive"][a].append(best_survives(partial, final, a))
+    summary = {}
+    for task in config.tasks:
+        summary[task] = []
+        for k in ks:
+            cell = {"k": k, "finished_share": sum(finished_by[k]) / len(finished_by[k])}
+            for name in ("pearson", "kendall"):
+                vals = [v for v in per[task][k][name] if not math.isnan(v)]
+                cell[name] = {"mean": sum(vals) / len(vals) if vals else float("nan"), "median": _quantile(vals, 0.5),
+                              "q25": _quantile(vals, 0.25), "q75": _quantile(vals, 0.75), "prompts": len(vals)}
+            cell["best_survives"] = {str(a): sum(v) / len(v) for a, v in per[task][k]["survive"].items()}
+            summary[task].append(cell)
+    return {"config": asdict(config), "prompts": len(data), "samples_per_prompt": len(data[0]["rows"]),
+            "mean_length": sum(lengths) / len(lengths), "capped_share": sum(capped) / len(capped),
+            "summary": summary,
+            "per_prompt": {t: {str(k): {"pearson": per[t][k]["pearson"], "kendall": per[t][k]["kendall"]} for k in ks}
+                           for t in config.tasks}}
+
+
+def table(report: dict) -> str:
+    cfg = report["config"]
+    alphas = [str(a) for a in cfg["alphas"]]
+    lines = [f"{report['prompts']} prompts x {report['samples_per_prompt']} samples"
+             f"{' from ' + cfg['samples'] if cfg['samples'] else ''}; mean response length "
+             f"{report['mean_length']:.1f} tokens, {100 * report['capped_share']:.1f}% hit the length cap. "
+             "Per-prompt correlation of the score after K tokens with the final score; mean [quartiles] over "
+             "prompts. 'best survives' = share of prompts whose final best response ranks in the top "
+             "round((1-alpha) M) by its K-token score.", ""]
+    cols = [("k", "K"), ("finished", "finished by K"), ("pearson", "Pearson r"), ("kendall", "Kendall tau")]
+    cols += [(f"s{a}", f"best survives a={a}") for a in alphas]
+    for task, cells in report["summary"].items():
+        rows = []
+        for c in cells:
+            row = {"k": c["k"], "finished": f"{100 * c['finished_share']:.1f}%"}
+            for name in ("pearson", "kendall"):
+                s = c[name]
+                row[name] = f"{s['mean']:.3f} [{s['q25']:.2f}, {s['q75']:.2f}]"
+            for a in alphas:
+                row[f"s{a}"] = f"{100 * c['best_survives'][a]:.0f}%"
+            rows.append(row)
+        lines += [f"### Task `{task}`", "", markdown_table(rows, cols)]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for task, cells in report["summary"].items():
+        ks = [c["k"] for c in cells]
+        for ax, name in zip(axes[:2], ("pearson", "kendall")):
+            mean = [c[name]["mean"] for c in cells]
+            lo = [c[name]["mean"] - c[name]["q25"] for c in cells]
+            hi = [c[name]["q75"] - c[name]["mean"] for c in cells]
+            ax.errorbar(ks, mean, yerr=[lo, hi], marker="o", capsize=3, label=task)
+        for a in report["config"]["alphas"]:
+            axes[2].plot(ks, [c["best_survives"][str(a)] for c in cells], marker="o", label=f"{task}, alpha={a}")
+    for ax, title in zip(axes, ("Pearson r (partial vs final), per prompt", "Kendall tau, per prompt",
+                                "final best survives one rejection at K")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("decision after K tokens")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report['config']['model']}: {report['prompts']} prompts x {report['samples_per_prompt']} samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: list[str]) -> int:
+    from ..cli import parse_config
+    (config,) = parse_config([CorrelationBenchConfig], args, "specalign bench correlation")
+    report = run(config)
+    out = write_results(config.output_dir, report, table(report))
+    plot(report, out / "correlation.png")
+    print(table(report))
+    return 0

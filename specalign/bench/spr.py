@@ -1,0 +1,380 @@
+"""``specalign bench spr``: Speculative Rejection vs Best-of-N, the SpR paper's evaluation (Fig. 3).
+
+For every prompt, on the same engine and sampling settings:
+
+1. Best-of-N reference: ``--bon-n`` (M) samples in one batch (one prefill). The curve at
+   N = 1, 2, 4, ..., M comes from those samples: the expected best of N drawn without replacement
+   (exact order statistics) and, as compute, the prefill plus N/M of the measured decode positions
+   (what N of those rows cost; exact in expectation). Wall time at N < M is N/M of the batch-M
+   wall time, which favours Best-of-N (small batches run slower per token on CPU), so wall-time
+   speedups read off the curve are conservative; at N = M every number is measured.
+2. Speculative Rejection, measured: each ``--spr N:ALPHA:DECISION`` entry runs for real per task
+   (the task's scorer ranks partial responses), with the same per-prompt seed as the reference.
+3. Speculative Rejection, replayed (``--simulate``): the same algorithm code run on the M recorded
+   samples, token by token (``ReplayGenerator``). A survivor's continuation is then its recorded
+   one -- a sample from the same conditional distribution as a fresh continuation -- so scores
+   and target positions follow the measured algorithm's distribution exactly; wall time is not
+   measured. An initial N < M replays M/N disjoint blocks of N rows and averages them.
+
+Tasks (``--tasks``): ``loglik:self`` (the model's own mean log-likelihood, the paper's second task)
+and ``judge:sentiment``. Metrics per method: mean score, improvement score (reference BoN0 =
+Best-of-``--reference-n``), target positions and FLOPs per prompt, wall time per prompt, speedup
+= Best-of-N compute (or wall) at the method's improvement score, by log-linear interpolation, over
+the method's. Outputs under ``--output-dir``: results.json, table.md, curve.png, curve_wall.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import SpecError
+from .common import (RecordingSampler, ReplayGenerator, Recorded, expected_best_of, expected_worst_of,
+                     format_speedup, improvement_score, markdown_table, plot_score_vs_compute, powers_of_two,
+                     recorded_rows, set_threads, speedup, write_results)
+
+
+@dataclass
+class SprBenchConfig:
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "target model spec"})
+    prompts: str = field(default="../shared/data/alpaca_farm_100.json", metadata={"help": "prompt file"})
+    limit: int = field(default=0, metadata={"help": "first N prompts only (0 = all)"})
+    tasks: list[str] = field(default_factory=lambda: ["loglik:self", "judge:sentiment"],
+                             metadata={"help": "scorer specs, one task each"})
+    max_new_tokens: int = field(default=128, metadata={"help": "new tokens per response"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_k: int = field(default=0, metadata={"help": "0 = off"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus mass"})
+    bon_n: int = field(default=128, metadata={"help": "samples per prompt for the Best-of-N curve (a power of 2)"})
+    reference_n: int = field(default=2, metadata={"help": "BoN0 of the improvement score (>= 2)"})
+    spr: list[str] = field(default_factory=lambda: ["128:0.9:tokens:8"],
+                           metadata={"help": "measured Speculative Rejection runs, N:ALPHA:DECISION"})
+    simulate: list[str] = field(default_factory=list,
+                                metadata={"help": "Speculative Rejection replayed on the Best-of-N samples"})
+    max_batch_tokens: int = field(default=1_000_000, metadata={"help": "token budget (decision=budget)"})
+    seed: int = field(default=0, metadata={"help": "base seed; each prompt has its own stream"})
+    threads: int = field(default=1, metadata={"help": "torch threads (0 = leave as is)"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
+    output_dir: str = field(default="benchmarks/results/spr", metadata={"help": "results.json, table.md, plots"})
+    work_dir: str = field(default="", metadata={"help": "per-prompt records (resumable) and samples.jsonl"})
+    aggregate_only: bool = field(default=False, metadata={"help": "report the prompts in --work-dir, run no new ones"})
+
+    def validate(self) -> "SprBenchConfig":
+        if self.bon_n < 2 or self.bon_n & (self.bon_n - 1):
+            raise SpecError(f"bon-n must be a power of 2 >= 2, got {self.bon_n}")
+        if not 2 <= self.reference_n <= self.bon_n:
+            raise SpecError(f"reference-n must be in [2, bon-n={self.bon_n}], got {self.reference_n}")
+        if not self.tasks:
+            raise SpecError("give at least one task (--tasks loglik:self judge:sentiment)")
+        for entry in self.spr + self.simulate:
+            spr_from_entry(entry, self.max_batch_tokens)
+        for entry in self.simulate:
+            n = spr_from_entry(entry, self.max_batch_tokens).n
+            if n > self.bon_n or self.bon_n % n:
+                raise SpecError(f"--simulate {entry}: N must divide bon-n={self.bon_n} (it replays those samples)")
+        return self
+
+
+def spr_from_entry(entry: str, max_batch_tokens: int):
+    from ..decode.spec_rejection import SpeculativeRejection
+    parts = str(entry).split(":", 2)
+    if len(parts) != 3 or not parts[0].isdigit():
+        raise SpecError(f"Speculative Rejection entries are N:ALPHA:DECISION (e.g. 128:0.9:tokens:8), got {entry!r}")
+    return SpeculativeRejection(n=int(parts[0]), alpha=parts[1], decision=parts[2], max_batch_tokens=max_batch_tokens)
+
+
+def _positions(generator) -> int:
+    return sum(c.positions for c in generator.cost.values())
+
+
+def _spr_record(result, generator, wall: float) -> dict:
+    best = result["candidates"][result["best"]]
+    return {"score": result["scores"][result["best"]], "positions": _positions(generator), "wall_s": wall,
+            "tokens": len(best.response_ids),
+            "rounds": [[r["decision_tokens"], r["rows"], r["kept"], r["continuing"]] for r in result["rounds"]]}
+
+
+def run_best_of_n(config, index: int, prompt: str, tokenizer, scorers: dict, sampler) -> tuple[dict, dict]:
+    """Best-of-M on one prompt, scored by every task -> (record, samples line)."""
+    from ..decode.api import prompt_seed
+    from ..models.loading import chat_prompt
+    ids = chat_prompt(tokenizer, prompt)
+    m = config.bon_n
+    sampler.reset_cost()
+    start = time.perf_counter()
+    sampler.start(ids, m, torch.Generator().manual_seed(prompt_seed(config.seed, index)))
+    sampler.advance()
+    gen_wall = time.perf_counter() - start
+    rows = recorded_rows(sampler)
+    candidates = [sampler.candidate(i, prompt) for i in range(m)]
+    record = {"index": index, "prompt": prompt, "prompt_len": len(ids),
+              "bon": {"decode_positions": _positions(sampler) - len(ids), "gen_wall_s": gen_wall,
+                      "lengths": [len(c.response_ids) for c in candidates],
+                      "reasons": [r.reason for r in rows], "scores": {}, "score_wall_s": {}},
+              "spr": {}, "simulated": {}}
+    for task, scorer in scorers.items():
+        start = time.perf_counter()
+        record["bon"]["scores"][task] = scorer(candidates)
+        record["bon"]["score_wall_s"][task] = time.perf_counter() - start
+    samples = {"index": index, "prompt": prompt, "prompt_ids": ids, "rows": [r.as_dict() for r in rows]}
+    return record, samples
+
+
+def run_measured(config, record: dict, tokenizer, scorers: dict, sampler) -> bool:
+    """Every ``--spr`` entry the record lacks, run for real with the prompt's seed; True if any ran."""
+    from ..decode.api import prompt_seed
+    from ..models.loading import chat_prompt
+    from ..models.scorers import ScorerCost
+    ids = chat_prompt(tokenizer, record["prompt"])
+    ran = False
+    for task, scorer in scorers.items():
+        for entry in config.spr:
+            key = f"{task}|{entry}"
+            if key in record["spr"]:
+                continue
+            spr = spr_from_entry(entry, config.max_batch_tokens)
+            sampler.reset_cost()
+            scorer.cost = ScorerCost()
+            start = time.perf_counter()
+            result = spr.run(sampler, scorer, record["prompt"], ids,
+                             torch.Generator().manual_seed(prompt_seed(config.seed, record["index"])))
+            record["spr"][key] = _spr_record(result, sampler, time.perf_counter() - start)
+            record["spr"][key]["measured_at"] = time.time()
+            ran = True
+    return ran
+
+
+def run_simulated(config, record: dict, samples: dict, tokenizer, scorers: dict, eos_ids) -> bool:
+    """Every ``--simulate`` entry the record lacks, replayed on its recorded samples; True if any ran."""
+    rows = [Recorded(r["tokens"], r["token_logps"], r["reason"]) for r in samples["rows"]]
+    ran = False
+    for task, scorer in scorers.items():
+        for entry in config.simulate:
+            key = f"{task}|{entry}"
+            if key in record["simulated"]:
+                continue
+            spr = spr_from_entry(entry, config.max_batch_tokens)
+            blocks = []
+            for b in range(len(rows) // spr.n):
+                replay = ReplayGenerator(tokenizer, rows[b * spr.n:(b + 1) * spr.n], config.max_new_tokens, eos_ids)
+                result = spr.run(replay, scorer, record["prompt"], samples["prompt_ids"], None)
+                blocks.append(_spr_record(result, replay, 0.0))
+            record["simulated"][key] = {
+                "score": sum(b["score"] for b in blocks) / len(blocks),
+                "positions": sum(b["positions"] for b in blocks) / len(blocks),
+                "tokens": sum(b["tokens"] for b in blocks) / len(blocks), "blocks": len(blocks),
+                "rounds": blocks[0]["rounds"]}
+            ran = True
+    return ran
+
+
+def aggregate(config, records: list[dict], params: int) -> dict:
+    """Per task: the Best-of-N curve and every SpR point with the paper's metrics."""
+    m = config.bon_n
+    tasks = {}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for task in config.tasks:
+        scores = [r["bon"]["scores"][task] for r in records]
+        ref_best = [expected_best_of(s, config.reference_n) for s in scores]
+        ref_worst = [expected_worst_of(s, config.reference_n) for s in scores]
+        bon_wall = [r["bon"]["gen_wall_s"] + r["bon"]["score_wall_s"][task] for r in records]
+        methods = []
+        for n in powers_of_two(m):
+            best = [expected_best_of(s, n) for s in scores]
+            positions = mean([r["prompt_len"] + n / m * r["bon"]["decode_positions"] for r in records])
+            imp, used = improvement_score(best, ref_best, ref_worst)
+            methods.append({"method": "best-of-n", "params": {"n": n}, "simulated": False,
+                            "mean_score": mean(best), "improvement_score": imp,
+                            "compute": {"target_positions": positions, "flops": 2.0 * params * positions},
+                            "wall_s": mean([n / m * w for w in bon_wall]),
+                            "wall_measured": n == m, "mean_tokens": mean([mean(r["bon"]["lengths"]) for r in records])})
+        curve = [x for x in methods]
+        ref_c = [x["compute"]["target_positions"] for x in curve]
+        ref_w = [x["wall_s"] for x in curve]
+        ref_s = [x["improvement_score"] for x in curve]
+        top = curve[-1]
+        for kind, entries in (("spr", config.spr), ("simulated", config.simulate)):
+            for entry in entries:
+                runs = [r[kind][f"{task}|{entry}"] for r in records]
+                spr = spr_from_entry(entry, config.max_batch_tokens)
+                best = [x["score"] for x in runs]
+                positions = mean([x["positions"] for x in runs])
+                imp, used = improvement_score(best, ref_best, ref_worst)
+                point = {"method": "spec-rejection", "params": {"n": spr.n, "alpha": spr.alpha,
+                                                                "decision": spr.decision},
+                         "simulated": kind == "simulated", "mean_score": mean(best), "improvement_score": imp,
+                         "compute": {"target_positions": positions, "flops": 2.0 * params * positions},
+                         "mean_tokens": mean([x["tokens"] for x in runs]),
+                         "speedup": speedup(imp, positions, ref_c, ref_s),
+                         "vs_best_of_max": {"n": m, "reaches": imp >= top["improvement_score"],
+                                            "compute_ratio": top["compute"]["target_positions"] / positions},
+                         "rounds_first_prompt": runs[0]["rounds"]}
+                if kind == "spr":
+                    wall = mean([x["wall_s"] for x in runs])
+                    point["wall_s"] = wall
+                    point["speedup_wall"] = speedup(imp, wall, ref_w, ref_s)
+                    point["vs_best_of_max"]["wall_ratio"] = top["wall_s"] / wall
+                methods.append(point)
+        tasks[task] = {"reference_n": config.reference_n, "prompts_used": used, "methods": methods}
+    return tasks
+
+
+def table(report: dict) -> str:
+    cfg = report["config"]
+    out = [f"Model `{cfg['model']}` ({cfg['dtype']}, {report['torch_threads']} thread(s)), {report['prompts']} "
+           f"AlpacaFarm prompts, max {cfg['max_new_tokens']} new tokens, temperature {cfg['temperature']}, "
+           f"top-p {cfg['top_p']}, top-k {cfg['top_k']}. Best-of-N from {cfg['bon_n']} samples per prompt "
+           f"(expected best of N; compute = prefill + N/{cfg['bon_n']} of the decode positions; wall = "
+           f"N/{cfg['bon_n']} of the batch-{cfg['bon_n']} wall, measured at N = {cfg['bon_n']}). Improvement "
+           f"score reference: Best-of-{cfg['reference_n']}. Compute and wall are per prompt. Replayed = "
+           "Speculative Rejection run on the recorded Best-of-N samples (no wall time).", ""]
+    cols = [("method", "method"), ("params", "params"), ("mean_score", "mean score"),
+            ("improvement_score", "improvement"), ("positions", "target positions"), ("tflops", "TFLOPs"),
+            ("wall_s", "wall s"), ("tokens", "answer tokens"), ("speedup", "speedup (compute)"),
+            ("speedup_wall", "speedup (wall)"), ("vs_max", f"vs Best-of-{cfg['bon_n']}: compute / wall")]
+    for task, data in report["tasks"].items():
+        rows = []
+        for x in data["methods"]:
+            if x["method"] == "best-of-n":
+                name, params = "Best-of-N", f"N={x['params']['n']}"
+            else:
+                name = "SpR (replayed)" if x["simulated"] else "SpR"
+                params = f"N={x['params']['n']} a={x['params']['alpha']} {x['params']['decision']}"
+            vs = x.get("vs_best_of_max")
+            rows.append({"method": name, "params": params, "mean_score": x["mean_score"],
+                         "improvement_score": x["improvement_score"],
+                         "positions": round(x["compute"]["target_positions"]),
+                         "tflops": x["compute"]["flops"] / 1e12, "wall_s": x.get("wall_s"),
+                         "tokens": x["mean_tokens"], "speedup": format_speedup(x.get("speedup")),
+                         "speedup_wall": format_speedup(x.get("speedup_wall")),
+                         "vs_max": "-" if not vs else (f"{'reaches' if vs['reaches'] else 'below'}; "
+                                                       f"{vs['compute_ratio']:.2f}x" +
+                                                       (f" / {vs['wall_ratio']:.2f}x" if "wall_ratio" in vs else ""))})
+        out += [f"### Task `{task}` ({data['prompts_used']} prompts with a non-zero reference spread)", "",
+                markdown_table(rows, cols)]
+    return "\n".join(out)
+
+
+def plots(report: dict, output_dir: Path) -> None:
+    for fname, key, xlabel in (("curve.png", "compute", "target positions per prompt (log)"),
+                               ("curve_wall.png", "wall", "wall seconds per prompt (log)")):
+        panels = []
+        for task, data in report["tasks"].items():
+            bon = [x for x in data["methods"] if x["method"] == "best-of-n"]
+            value = (lambda x: x["compute"]["target_positions"]) if key == "compute" else (lambda x: x.get("wall_s"))
+            points = []
+            for x in data["methods"]:
+                if x["method"] == "best-of-n" or value(x) is None:
+                    continue
+                p = x["params"]
+                points.append({"x": value(x), "y": x["improvement_score"], "hollow": x["simulated"],
+                               "marker": "o" if x["simulated"] else "s",
+                               "label": f"{'replayed ' if x['simulated'] else ''}SpR N={p['n']} a={p['alpha']} "
+                                        f"{p['decision']}"})
+            panels.append({"title": f"{task}", "points": points,
+                           "reference": {"x": [value(x) for x in bon], "y": [x["improvement_score"] for x in bon],
+                                         "labels": [x["params"]["n"] for x in bon], "name": "Best-of-N"}})
+        plot_score_vs_compute(output_dir / fname, panels, xlabel, "improvement score",
+                              f"{report['config']['model']}, {report['prompts']} prompts")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, items: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(x) + "\n" for x in items), encoding="utf-8")
+    tmp.replace(path)
+
+
+def run(config: SprBenchConfig) -> dict:
+    """Every prompt: Best-of-M, then the measured and replayed SpR entries. With ``--work-dir``,
+    prompts already recorded there are not re-run; entries they lack are added (measured ones then
+    run later than their Best-of-M reference: ``measured_at`` records when)."""
+    from tqdm.auto import tqdm
+    from ..decode.cost import count_params
+    from ..decode.prompts import load_prompts
+    from ..decode.sampling import SamplingParams
+    from ..models.loading import load_model, load_tokenizer
+    from ..models.scorers import build_scorer
+    config.validate()
+    set_threads(config.threads)
+    prompts = load_prompts(prompts=config.prompts, limit=config.limit)
+    model = load_model(config.model, config.dtype)
+    tokenizer = load_tokenizer(config.model)
+    sampler = RecordingSampler(model, tokenizer, SamplingParams(config.temperature, config.top_k, config.top_p),
+                               config.max_new_tokens)
+    scorers = {t: build_scorer(t, generator_model=model, generator_tokenizer=tokenizer, dtype=config.dtype)
+               for t in config.tasks}
+    work = Path(config.work_dir) if config.work_dir else None
+    done, samples = {}, {}
+    if work:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        same = lambda r: r["index"] < len(prompts) and prompts[r["index"]] == r["prompt"]  # noqa: E731
+        done = {r["index"]: r for r in _read_jsonl(work / "records.jsonl") if same(r)}
+        samples = {s["index"]: s for s in _read_jsonl(work / "samples.jsonl") if same(s)}
+    records = []
+    bar = tqdm(range(len(prompts)), desc="bench spr", unit="prompt")
+    for index in bar:
+        if index in done:
+            record = done[index]
+            changed = False
+            if not config.aggregate_only:
+                changed = run_measured(config, record, tokenizer, scorers, sampler)
+            if index in samples:
+                changed |= run_simulated(config, record, samples[index], tokenizer, scorers, sampler.eos_ids)
+            if changed:
+                _write_jsonl(work / "records.jsonl", [done[i] for i in sorted(done)])
+        elif config.aggregate_only:
+            continue
+        else:
+            record, sample = run_best_of_n(config, index, prompts[index], tokenizer, scorers, sampler)
+            run_measured(config, record, tokenizer, scorers, sampler)
+            run_simulated(config, record, sample, tokenizer, scorers, sampler.eos_ids)
+            if work:
+                done[index] = record
+                with open(work / "samples.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(sample) + "\n")
+                _write_jsonl(work / "records.jsonl", [done[i] for i in sorted(done)])
+            bar.set_postfix(bon_s=f"{record['bon']['gen_wall_s']:.0f}")
+        records.append(record)
+    if not records:
+        raise SpecError("no prompts recorded yet: run without --aggregate-only first")
+    missing = [e for e in config.spr for r in records for t in config.tasks if f"{t}|{e}" not in r["spr"]]
+    if missing:
+        raise SpecError(f"measured entry {missing[0]} is missing from some records: run without --aggregate-only")
+    params = count_params(model)
+    return {"config": asdict(config), "torch_threads": torch.get_num_threads(), "prompts": len(records),
+            "model_params": params, "tasks": aggregate(config, records, params),
+            "per_prompt": [{"index": r["index"], "prompt_len": r["prompt_len"],
+                            "bon_gen_wall_s": r["bon"]["gen_wall_s"],
+                            "bon_decode_positions": r["bon"]["decode_positions"],
+                            "bon_mean_tokens": sum(r["bon"]["lengths"]) / len(r["bon"]["lengths"]),
+                            "bon_capped": sum(x == "length" for x in r["bon"]["reasons"]),
+                            "spr": {k: v for k, v in r["spr"].items() if k.split("|", 1)[1] in config.spr},
+                            "simulated": {k: {kk: vv for kk, vv in v.items() if kk != "rounds"}
+                                          for k, v in r["simulated"].items() if k.split("|", 1)[1] in config.simulate}}
+                           for r in records]}
+
+
+def main(args: list[str]) -> int:
+    from ..cli import parse_config
+    (config,) = parse_config([SprBenchConfig], args, "specalign bench spr")
+    report = run(config)
+    out = write_results(config.output_dir, report, table(report))
+    plots(report, out)
+    print(table(report))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+    sys.exit(main(sys.argv[1:]))

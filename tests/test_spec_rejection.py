@@ -1,0 +1,277 @@
+"""Speculative Rejection: exact rows kept per round for scores we set (ties, alpha = 0, alpha near 1,
+a pool of one, finished rows competing), the returned best, the decision schedule, exact cost
+counts (pruned rows stop costing compute after their round), alpha = 0 == Best-of-N, every scorer
+kind, the decode API and bad input."""
+
+import pytest
+import torch
+
+from specalign.decode import SamplingGenerator, SamplingParams
+from specalign.decode.api import DecodeConfig, Decoder, build_selector
+from specalign.decode.best_of_n import BestOfN
+from specalign.decode.spec_rejection import SpeculativeRejection
+from specalign.errors import SpecError
+from specalign.models.loading import chat_prompt
+from specalign.models.scorers import build_scorer
+
+FORCED_EOS = 10_000  # outside the vocabulary: never sampled, never fed to the model
+P = 20  # len(chat_prompt(char_tokenizer, "hi"))
+
+
+class ScriptedEnds(SamplingGenerator):
+    """Plain sampling on a real tiny model, except row i emits EOS as its ``ends[i]``-th token."""
+
+    def __init__(self, model, tok, max_new_tokens, ends=None):
+        super().__init__(model, tok, SamplingParams(1.0), max_new_tokens, eos_ids={FORCED_EOS})
+        self.ends = ends or {}
+
+    def _emit(self, new_tokens, logps=None):
+        new_tokens = [[FORCED_EOS] if self.ends.get(i) == len(self.rows[i].tokens) + 1 else t
+                      for i, t in zip(self.active, new_tokens)]
+        super()._emit(new_tokens, logps)
+
+
+class Scripted:
+    """A scorer callable returning the score lists we set, one list per call; records what it saw."""
+
+    def __init__(self, *calls):
+        self.calls = [list(c) for c in calls]
+        self.seen = []
+
+    def __call__(self, prompts, responses, finished):
+        self.seen.append(list(finished))
+        return self.calls.pop(0)
+
+
+def _run(tiny, tok, spr, scorer, max_new_tokens, ends=None, seed=0):
+    gen = ScriptedEnds(tiny, tok, max_new_tokens, ends)
+    ids = chat_prompt(tok, "hi")
+    assert len(ids) == P
+    result = spr.run(gen, build_scorer(scorer), "hi", ids, torch.Generator().manual_seed(seed))
+    return gen, result
+
+
+def _kept(result):
+    return [r["kept_ids"] for r in result["rounds"]]
+
+
+# -- the rejection rule ---------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha,pool,keep", [(0.5, 4, 2), (0.5, 5, 3), (0.5, 1, 1), (0.0, 7, 7), (0.25, 8, 6),
+                                             (0.25, 6, 5), (0.75, 8, 2), (0.9, 10, 1), (0.99, 128, 1),
+                                             (0.999, 3, 1), (0.7, 10, 3), (0.3, 10, 7)])
+def test_keep_count(alpha, pool, keep):
+    assert SpeculativeRejection(n=8, alpha=alpha).keep_count(pool) == keep
+
+
+def test_select_ranks_by_score_ties_to_lower_row():
+    spr = SpeculativeRejection(n=6, alpha=0.5)
+    scores = {0: 0.5, 1: 0.9, 2: 0.5, 3: 0.5, 4: 0.1, 5: 0.9}
+    assert spr.select([0, 1, 2, 3, 4, 5], scores) == [1, 5, 0]
+    assert spr.select([3, 2, 4], scores) == [2, 3]  # pool order does not matter, row id does
+    assert SpeculativeRejection(n=6, alpha=0.0).select([4, 0, 2], scores) == [0, 2, 4]
+
+
+def test_next_decision_fills_the_budget():
+    # budget 4 x (20 + 3) = 92: 2 survivors reach 92 // 2 - 20 = 26 tokens; at least 3 more than now
+    assert SpeculativeRejection.next_decision(3, 2, 20, 92, 3) == 26
+    assert SpeculativeRejection.next_decision(3, 4, 20, 92, 3) == 6  # nobody left: K more tokens
+    assert SpeculativeRejection.next_decision(30, 3, 20, 92, 3) == 33
+    spr = SpeculativeRejection(n=8, decision="budget", max_batch_tokens=200)
+    assert spr.schedule(20) == (5, 200)
+    assert SpeculativeRejection(n=8, decision="budget", max_batch_tokens=100).schedule(20) == (1, 100)
+    assert SpeculativeRejection(n=8, decision="tokens:3").schedule(20) == (3, 184)
+
+
+# -- exact rounds, best and costs on a tiny model --------------------------------------------------
+def test_two_rounds_exact_rows_best_and_cost(tiny, tok):
+    scorer = Scripted([0.1, 0.9, 0.5, 0.9], [0.2, 0.7])
+    gen, result = _run(tiny, tok, SpeculativeRejection(n=4, alpha=0.5, decision="tokens:3"), scorer, 10)
+    assert _kept(result) == [[1, 3], [3]]
+    assert [r["row_ids"] for r in result["rounds"]] == [[0, 1, 2, 3], [1, 3]]
+    assert [r["decision_tokens"] for r in result["rounds"]] == [3, 10]  # next = max(6, 92 // 2 - 20 = 26)
+    assert scorer.seen == [[False] * 4, [True, True]]  # partial, then final
+    assert [len(r.tokens) for r in gen.rows] == [3, 10, 3, 10]
+    assert [r.reason for r in gen.rows] == ["pruned", "length", "pruned", "length"]
+    assert result["best"] == 3 and result["scores"] == [0.1, 0.2, 0.5, 0.7]
+    assert [c.finished for c in result["candidates"]] == [False, True, False, True]
+    # prefill 20; steps 1-3 feed 4 rows; steps 4-9 feed the 2 survivors (token 10 ends them)
+    cost = gen.cost["target"]
+    assert (cost.positions, cost.calls) == (P + 4 * 3 + 2 * 6, 1 + 3 + 6)
+    assert [r["positions"]["target"] for r in result["rounds"]] == [P + 12, 12]
+    assert [r["tokens"] for r in result["rounds"]] == [12, 14]
+    assert [(r["rows"], r["pool"], r["kept"], r["continuing"], r["finished"]) for r in result["rounds"]] == \
+        [(4, 4, 2, 2, 0), (2, 2, 1, 0, 2)]
+    bon = ScriptedEnds(tiny, tok, 10)
+    BestOfN(n=4).run(bon, build_scorer(lambda p, r, f: [0.0] * len(r)), "hi", chat_prompt(tok, "hi"),
+                     torch.Generator().manual_seed(0))
+    assert bon.cost["target"].positions == P + 4 * 9  # what Best-of-4 pays for the same rows
+
+
+def test_many_rounds_schedule_rows_and_cost(tiny, tok):
+    value = {0: 0.3, 1: 0.8, 2: 0.1, 3: 0.6, 4: 0.9, 5: 0.2, 6: 0.5, 7: 0.7}
+    rounds = [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 3, 4, 6, 7], [1, 3, 4, 6, 7], [1, 3, 4, 7], [1, 4, 7], [1, 4]]
+    final = {1: 1.0, 4: 0.95}
+    scorer = Scripted(*[[final.get(i, value[i]) if k == 5 else value[i] for i in rows]
+                        for k, rows in enumerate(rounds)])
+    gen, result = _run(tiny, tok, SpeculativeRejection(n=8, alpha=0.25, decision="tokens:2"), scorer, 40)
+    # budget 8 x (20 + 2) = 176: keep 6, 5 (4.5 rounds up), 4, 3, 2 of pools 8, 6, 5, 4, 3
+    assert [r["row_ids"] for r in result["rounds"]] == rounds
+    assert [r["decision_tokens"] for r in result["rounds"]] == [2, 9, 15, 24, 38, 40]
+    assert _kept(result) == [[4, 1, 7, 3, 6, 0], [4, 1, 7, 3, 6], [4, 1, 7, 3], [4, 1, 7], [4, 1], [1, 4]]
+    assert [len(r.tokens) for r in gen.rows] == [9, 40, 2, 24, 40, 2, 15, 38]
+    assert result["best"] == 1
+    fed = 2 + 2 + 9 + 15 + 24 + 38 + 39 + 39  # pruned rows: their decision length; survivors: 40 - 1
+    assert gen.cost["target"].positions == P + fed
+    assert sum(r["positions"]["target"] for r in result["rounds"]) == P + fed
+
+
+def test_finished_rows_compete_for_slots(tiny, tok):
+    # rows 0 and 1 end (EOS) before the first decision; row 0 takes a slot, so only row 3 runs on
+    scorer = Scripted([0.95, 0.2, 0.5, 0.6], [0.9])
+    gen, result = _run(tiny, tok, SpeculativeRejection(n=4, alpha=0.5, decision="tokens:4"), scorer, 12,
+                       ends={0: 2, 1: 3})
+    assert _kept(result) == [[0, 3], [0]]
+    assert [r["row_ids"] for r in result["rounds"]] == [[0, 1, 2, 3], [3]]
+    assert [r["pool"] for r in result["rounds"]] == [4, 2]
+    assert scorer.seen == [[True, True, False, False], [True]]
+    assert [r.reason for r in gen.rows] == ["eos", "eos", "pruned", "length"]
+    assert result["best"] == 0  # 0.95 > row 3's final 0.9
+    assert gen.cost["target"].positions == P + 1 + 2 + 4 + 11  # the EOS token is never fed
+
+
+def test_finished_rows_can_take_every_slot(tiny, tok):
+    scorer = Scripted([0.95, 0.9, 0.5, 0.6])
+    gen, result = _run(tiny, tok, SpeculativeRejection(n=4, alpha=0.5, decision="tokens:4"), scorer, 12,
+                       ends={0: 2, 1: 3})
+    assert _kept(result) == [[0, 1]] and len(result["rounds"]) == 1
+    assert [r.reason for r in gen.rows] == ["eos", "eos", "pruned", "pruned"]
+    assert result["best"] == 0
+    assert gen.cost["target"].positions == P + 1 + 2 + 4 + 4
+
+
+def test_answer_is_best_over_every_finished_row_even_one_left_out_of_the_pool(tiny, tok):
+    scorer = Scripted([0.7, 0.1, 0.9, 0.8], [0.3, 0.4])
+    gen, result = _run(tiny, tok, SpeculativeRejection(n=4, alpha=0.5, decision="tokens:4"), scorer, 12,
+                       ends={0: 2})
+    assert _kept(result) == [[2, 3], [3]]
+    assert result["best"] == 0 and result["candidates"][0].finished
+
+
+def test_ties_keep_lower_rows_and_best_is_lowest_tied_row(tiny, tok):
+    scorer = Scripted([0.5] * 6, [0.5] * 3)
+    gen, result = _run(tiny, tok, SpeculativeRejection(n=6, alpha=0.5, decision="tokens:2"), scorer, 6)
+    assert _kept(result) == [[0, 1, 2], [0, 1]]
+    assert result["best"] == 0
+
+
+def test_alpha_close_to_one_keeps_a_single_row(tiny, tok):
+    scorer = Scripted([0.1, 0.3, 0.2, 0.9, 0.4], [0.2])
+    gen, result = _run(tiny, tok, SpeculativeRejection(n=5, alpha=0.99, decision="tokens:2"), scorer, 8)
+    assert _kept(result) == [[3], [3]]
+    assert [r.reason for r in gen.rows] == ["pruned", "pruned", "pruned", "length", "pruned"]
+    assert result["best"] == 3
+    assert gen.cost["target"].positions == P + 5 * 2 + 5
+
+
+def test_pool_of_one_is_best_of_one(tiny, tok):
+    scorer = Scripted([0.4], [0.3], [0.2])
+    spr = SpeculativeRejection(n=1, alpha=0.9, decision="tokens:3")
+    gen, result = _run(tiny, tok, spr, scorer, 9)
+    assert [r["decision_tokens"] for r in result["rounds"]] == [3, 6, 9]  # budget 23: 3 more each time
+    assert _kept(result) == [[0], [0], [0]] and result["best"] == 0 and result["scores"] == [0.2]
+    bon = ScriptedEnds(tiny, tok, 9)
+    out = BestOfN(n=1).run(bon, build_scorer(lambda p, r, f: [0.0] * len(r)), "hi", chat_prompt(tok, "hi"),
+                           torch.Generator().manual_seed(0))
+    assert gen.rows[0].tokens == bon.rows[0].tokens
+    assert gen.cost["target"].positions == bon.cost["target"].positions == P + 8
+
+
+def test_budget_decision_first_rejects_when_the_batch_fills_it(tiny, tok):
+    scorer = Scripted([0.1, 0.9, 0.5, 0.9], [0.2, 0.7])
+    spr = SpeculativeRejection(n=4, alpha=0.5, decision="budget", max_batch_tokens=4 * (P + 3))
+    gen, result = _run(tiny, tok, spr, scorer, 10)
+    assert [r["decision_tokens"] for r in result["rounds"]] == [3, 10]
+    assert _kept(result) == [[1, 3], [3]]
+    assert gen.cost["target"].positions == P + 4 * 3 + 2 * 6
+
+
+# -- alpha = 0 is Best-of-N -------------------------------------------------------------------------
+def _vowels(prompts, responses, finished):
+    return [sum(ch in "aeiou" for ch in r) for r in responses]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_alpha_zero_returns_best_of_n(tiny, tok, seed):
+    ids = chat_prompt(tok, "hi")
+    outs = []
+    for selector in (BestOfN(n=8), SpeculativeRejection(n=8, alpha=0.0, decision="tokens:3")):
+        gen = SamplingGenerator(tiny, tok, SamplingParams(1.0), 16, eos_ids={tok.eos_token_id})
+        result = selector.run(gen, build_scorer(_vowels), "hi", ids, torch.Generator().manual_seed(seed))
+        outs.append((result, gen))
+    (bon, bon_gen), (spr, spr_gen) = outs
+    assert [c.response for c in spr["candidates"]] == [c.response for c in bon["candidates"]]
+    assert spr["scores"] == bon["scores"] and spr["best"] == bon["best"]
+    assert spr["candidates"][spr["best"]].response == bon["candidates"][bon["best"]].response
+    assert spr_gen.cost["target"].positions == bon_gen.cost["target"].positions
+    assert all(r["kept"] == r["pool"] for r in spr["rounds"]) and len(spr["rounds"]) >= 2
+
+
+# -- every scorer kind -----------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["loglik:self", "judge:sentiment", "judge:inoffensive", "callable"])
+def test_every_scorer_kind(tiny, tok, spec):
+    seen = []
+
+    def length(prompts, responses, finished):
+        seen.append(list(finished))
+        return [len(r) for r in responses]
+
+    scorer = build_scorer(length if spec == "callable" else spec)
+    gen = SamplingGenerator(tiny, tok, SamplingParams(1.0), 12, eos_ids={tok.eos_token_id})
+    ids = chat_prompt(tok, "hi")
+    result = SpeculativeRejection(n=6, alpha=0.5, decision="tokens:4").run(gen, scorer, "hi", ids,
+                                                                         torch.Generator().manual_seed(0))
+    finished = [i for i, c in enumerate(result["candidates"]) if c.finished]
+    assert result["best"] == max(finished, key=lambda i: result["scores"][i])
+    final = scorer([result["candidates"][i] for i in finished])  # final scores are what ranked the answer
+    assert [result["scores"][i] for i in finished] == final
+    assert result["rounds"][0]["rows"] == 6 and result["rounds"][0]["kept"] == 3
+    assert scorer.cost.calls == len(result["rounds"]) + 1
+    if spec == "callable":
+        assert not all(seen[0])  # partial responses reach the scorer unfinished
+
+
+# -- the decode API and bad input -------------------------------------------------------------------
+def test_decoder_record_has_rounds_and_cost(tiny, tok):
+    config = DecodeConfig(method="spec-rejection", n=4, alpha="0.5", decision="tokens:3", max_new_tokens=10,
+                          scorer="")
+    gen = ScriptedEnds(tiny, tok, 10)
+    decoder = Decoder(config, generator=gen, scorer=Scripted([0.1, 0.9, 0.5, 0.9], [0.2, 0.7]))
+    assert isinstance(decoder.selector, SpeculativeRejection) and decoder.method_name == "spec-rejection"
+    record = decoder.decode_one("hi")
+    assert record["score"] == 0.7 and record["method"] == "spec-rejection"
+    assert record["params"]["alpha"] == "0.5" and record["params"]["decision"] == "tokens:3"
+    assert [r["kept_ids"] for r in record["rounds"]] == [[1, 3], [3]]
+    assert record["cost"]["target"]["positions"] == P + 4 * 3 + 2 * 6
+    assert record["cost"]["scorer"]["calls"] == 2
+
+
+def test_from_config_and_bad_input():
+    spr = build_selector(DecodeConfig(method="spec-rejection", n=32, alpha="0.75", decision="budget",
+                                      max_batch_tokens=4096))
+    assert (spr.n, spr.alpha, spr.first_tokens, spr.max_batch_tokens) == (32, 0.75, None, 4096)
+    with pytest.raises(SpecError, match="alpha auto is AdaptiveRejection"):  # the fixed-rate class itself
+        SpeculativeRejection(n=8, alpha="auto")
+    for alpha in ("1", "-0.1", "half"):
+        with pytest.raises(SpecError, match="alpha"):
+            SpeculativeRejection(alpha=alpha)
+    for decision in ("tokens:0", "tokens:x", "tokens", "memory", ""):
+        with pytest.raises(SpecError, match="decision must be tokens:K"):
+            SpeculativeRejection(decision=decision)
+    with pytest.raises(SpecError, match="n must be >= 1"):
+        SpeculativeRejection(n=0)
+
+
+def test_needs_a_scorer(tiny, tok):
+    gen = SamplingGenerator(tiny, tok, SamplingParams(1.0), 4)
+    with pytest.raises(SpecError, match="needs a scorer"):
+        SpeculativeRejection(n=2).run(gen, None, "hi", chat_prompt(tok, "hi"), None)
