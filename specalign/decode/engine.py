@@ -54,8 +54,10 @@ class LMState:
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: int = 0):
+        # No padding and no rejected slot anywhere: let attention take its plain causal path.
+        mask = None if bool(self.mask.all()) else self.mask
         with self.cost.forward(input_ids.numel()), self._context():
-            out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=position_ids,
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                              past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
         self.cache = out.past_key_values
         return out.logits
