@@ -3,6 +3,7 @@
     specalign decode [--config x.yaml] [--flag value ...]    decode prompts (see DecodeConfig)
     specalign bench NAME [--flag value ...]                  benchmarks (engine, spr, correlation, speculative)
     specalign train STEP --config recipe.yaml [...]          training steps (draft, preferences, dpo, value, reward)
+    specalign run RECIPE [--budget smoke|full]               the weak-to-strong pipeline, resumable
 
 Flags override YAML keys (TrlParser). Input errors print one line ``error: ...`` and exit 2.
 """
@@ -120,9 +121,13 @@ def decode_main(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command '{argv[0]}': use one of {', '.join(COMMANDS)} (specalign --help)",
+              file=sys.stderr)
+        return 2
     module, _, func = COMMANDS[argv[0]].partition(":")
     try:
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
