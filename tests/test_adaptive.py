@@ -166,3 +166,24 @@ def test_bad_input():
         AdaptiveRejection(z=-1.0)
     with pytest.raises(SpecError, match="max_alpha"):
         AdaptiveRejection(max_alpha=1.0)
+
+
+def test_value_head_training_report_calibrates_the_first_decision(tmp_path):
+    """A value:DIR scorer's value_report.json (held-out r at prefix 4 = 0.99999, std 2) says its scores are
+    nearly exact at 4 tokens: residual variance 4 (1 - r^2) spread over the 36 tokens left -> the first
+    decision keeps only the best; with r = 0.1 the residual std is ~2 and every row stays."""
+    import json as _json
+    for r, expected in ((0.99999, [3]), (0.1, [3, 2, 1, 0])):
+        (tmp_path / "value_report.json").write_text(_json.dumps(
+            {"target_std": 2.0, "correlation": {"4": {"value": {"pearson": r}}, "8": {"value": {"pearson": 0.5}},
+                                                "final": {"value": {"pearson": 1.0}}}}))
+        tok = char_tokenizer()
+        gen = LetterRows(tok, max_new_tokens=40)
+        scorer = TableScorer(lambda row, t: float(row))
+        scorer.name = f"value:{tmp_path}"
+        result = AdaptiveRejection(n=4, decision="tokens:4", max_alpha=0.75).run(gen, scorer, "hi",
+                                                                                tok("hi")["input_ids"], None)
+        first = result["rounds"][0]
+        assert first["adaptive"]["source"] == "calibration"
+        assert first["adaptive"]["rate"] == pytest.approx(4 * (1 - r * r) / 36, abs=1e-8)
+        assert first["kept_ids"] == expected

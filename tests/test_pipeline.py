@@ -31,7 +31,7 @@ def test_smoke_pipeline_runs_then_resumes(tmp_path):
     out = tmp_path / "run"
     _, log = specalign_run(out)
     steps = [e["step"] for e in log]
-    assert steps[:4] == ["tiny_target", "draft", "preferences", "dpo"] and steps[-1] == "study"
+    assert steps == ["tiny_target", "draft", "preferences", "dpo", "value", "study"]
     assert all(e["status"] == "ran" for e in log), log
     assert (out / "draft" / "draft_report.json").is_file()
     assert (out / "preferences" / "data.jsonl").read_text().strip()
@@ -42,9 +42,12 @@ def test_smoke_pipeline_runs_then_resumes(tmp_path):
     assert (study / "table.md").read_text().startswith("Target ")
     assert (study / "frontier.png").stat().st_size > 1000
     methods = {m["method"] for m in results["results"]["methods"]}
-    assert {"sample", "best-of-n", "spr-judge", "spr-adaptive", "sss", "best-of-n+sss", "spr+sss-implicit"} <= methods
+    assert methods == {"sample", "best-of-n", "spr-judge", "spr-value", "spr-adaptive", "spr-adaptive-value", "sss",
+                       "best-of-n+sss", "spr+sss-implicit", "spr+sss-value"}
+    assert (out / "value" / "value_head.json").is_file() and (out / "value" / "value_report.json").is_file()
     assert [p["n"] for p in results["results"]["best_of_n_curve"]] == [1, 2, 4, 8]
-    assert results["config"]["dpo"] == str(out / "dpo")
+    assert results["config"]["dpo"] == str(out / "dpo") and results["config"]["value"] == str(out / "value")
+    assert set(results["results"]["targets"]) == {"value_vs_partial_text", "sss", "sss_x_spr_frontier"}
     # each step's merged config was written and names the earlier steps' outputs
     assert f"policy: {out / 'draft'}" in (out / "configs" / "preferences.yaml").read_text()
 
@@ -72,6 +75,7 @@ def test_recipe_budgets_merge_and_expand(tmp_path):
     assert full["draft"]["output_dir"] == "/work/artifacts/draft-smollm2"
     assert full["preferences"]["policy"] == "/work/artifacts/draft-smollm2"
     assert full["study"]["output_dir"] == str(root / "study")
+    assert full["study"]["value"] == str(root / "value") and full["value"]["samples"] == str(root / "preferences")
     assert merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 5}, "d": None}) == {"a": {"b": 5, "c": 2}}
 
 

@@ -17,8 +17,10 @@ The fit keeps score changes that the earlier score predicts (a row that keeps ri
 noise; what is left is the part of a row's score the next tokens can still overturn. At the first
 decision the previous scores are those of the empty response, equal for every row, so the noise is
 the whole spread of the scores: with many tokens still to come, the first round rejects little
-unless the scorer comes with a calibration (``scorer.calibration["noise_rate"]``, the variance of
-score change per token measured on held-out data when a value head was trained), used then.
+unless the scorer comes with a calibration, used then: ``scorer.calibration["noise_rate"]`` (variance
+of score change per token), or for a ``value:DIR`` scorer the held-out correlations its training
+wrote to ``DIR/value_report.json`` (residual variance std^2 (1 - r_L^2) of the final score given the
+value after L tokens, spread over the tokens still to come).
 
 Rule (successive elimination, as in racing algorithms):
 
@@ -32,8 +34,10 @@ few or none. Every round's measured rate, noise and rejection rate go into the r
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import SpecError
 from .spec_rejection import SpeculativeRejection
@@ -54,11 +58,48 @@ def residual_variance(x: list[float], y: list[float]) -> float:
     return syy / (n - 1)
 
 
-def calibrated_rate(scorer) -> float | None:
-    """A per-token noise rate recorded with the scorer (e.g. a value head's training calibration)."""
-    cal = getattr(scorer, "calibration", None) or {}
-    rate = cal.get("noise_rate") if isinstance(cal, dict) else None
-    return float(rate) if rate is not None and math.isfinite(float(rate)) and float(rate) >= 0 else None
+def calibration_of(scorer) -> dict:
+    """What the scorer says about its own noise: ``scorer.calibration`` if set, else for a ``value:DIR``
+    scorer its training report (``DIR/value_report.json``): the held-out correlation r_L of the value
+    after L response tokens with the final score, i.e. a residual variance std^2 (1 - r_L^2) at L."""
+    cal = getattr(scorer, "calibration", None)
+    if isinstance(cal, dict):
+        return cal
+    cal = {}
+    name = str(getattr(scorer, "name", ""))
+    report = Path(name[len("value:"):]) / "value_report.json" if name.startswith("value:") else None
+    if report is not None and report.is_file():
+        data = json.loads(report.read_text())
+        std = float(data.get("target_std") or 0.0)
+        residual = {}
+        for length, entry in (data.get("correlation") or {}).items():
+            r = (entry.get("value") or {}).get("pearson")
+            if str(length).isdigit() and r is not None and std > 0:
+                residual[int(length)] = std * std * (1.0 - float(r) ** 2)
+        if residual:
+            cal = {"residual_var": residual, "source": str(report)}
+    try:
+        scorer.calibration = cal  # read once per scorer
+    except AttributeError:
+        pass
+    return cal
+
+
+def calibrated_rate(scorer, tokens: float = 0.0, remaining: float = 0.0) -> float | None:
+    """A per-token noise rate from the scorer's calibration at ``tokens`` generated, ``remaining`` to go:
+    ``noise_rate`` as given, or the residual variance at the longest calibrated prefix <= tokens
+    (the shortest if none) spread over the remaining tokens."""
+    cal = calibration_of(scorer) if scorer is not None else {}
+    rate = cal.get("noise_rate")
+    if rate is None and cal.get("residual_var"):
+        table = {int(k): float(v) for k, v in cal["residual_var"].items()}
+        below = [k for k in table if k <= tokens]
+        var = table[max(below)] if below else table[min(table)]
+        rate = var / remaining if remaining > 0 else 0.0
+    if rate is None:
+        return None
+    rate = float(rate)
+    return rate if math.isfinite(rate) and rate >= 0 else None
 
 
 @dataclass
@@ -104,8 +145,11 @@ class AdaptiveRejection(SpeculativeRejection):
     def noise_rate(self, fresh: list[int], scores: dict[int, float], lengths: dict[int, int]) -> tuple[float, str]:
         """(variance of score change per token, where it came from) for this decision."""
         first = not self._previous
-        if first and calibrated_rate(self._scorer) is not None:
-            return calibrated_rate(self._scorer), "calibration"
+        if first and fresh:
+            tokens = sum(lengths[i] for i in fresh) / len(fresh)
+            rate = calibrated_rate(self._scorer, tokens, max(0.0, self._generator.max_new_tokens - tokens))
+            if rate is not None:
+                return rate, "calibration"
         prev = {i: self._previous.get(i, (0.0, 0)) for i in fresh}
         pairs = [(prev[i][0], scores[i] - prev[i][0], lengths[i] - prev[i][1]) for i in fresh
                  if lengths[i] > prev[i][1]]
