@@ -308,6 +308,15 @@ def test_cli_speculative_end_to_end(tiny_dir, tmp_path, capsys):
                                    "target_calls_per_token", "scorer", "wall_s"}
     assert record["cost"]["target"]["calls"] < record["num_tokens"] + 1  # fewer target forwards than tokens
 
+    bare = tmp_path / "checkpoint"  # a model directory saved without tokenizer files: head sizes are checked
+    tiny_llama(seed=8).save_pretrained(bare)
+    assert main(["decode", "--method", "speculative", "--model", tiny_dir, "--draft", str(bare), "--prompt", "Hi.",
+                 "--max-new-tokens", "6", "--scorer", "loglik:self", "--out", str(tmp_path / "bare.jsonl")]) == 0
+    small_head = tmp_path / "small-head"
+    tiny_llama(vocab_size=40, seed=8).save_pretrained(small_head)
+    code = main(["decode", "--method", "speculative", "--model", tiny_dir, "--draft", str(small_head), "--prompt", "x"])
+    assert code == 2 and "draft model has 40 output tokens" in capsys.readouterr().err
+
     code = main(["decode", "--method", "speculative", "--model", tiny_dir, "--draft", str(tmp_path / "nowhere"),
                  "--prompt", "x"])
     assert code == 2 and "model path not found" in capsys.readouterr().err

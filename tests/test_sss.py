@@ -255,7 +255,8 @@ def test_implicit_reward_recorded_while_sampling(trio, tok):
         with torch.no_grad():
             lr, l0 = (torch.log_softmax(m(ids).logits[0, :-1].double(), -1) for m in (qr, q0))
         ratio = (lr.clamp(min=LOG_FLOOR) - l0.clamp(min=LOG_FLOOR))[len(PROMPT) - 1:]
-        assert row.stats["implicit"] == pytest.approx(float(ratio.gather(1, ids[0, len(PROMPT):, None]).sum()), abs=1e-3)
+        expected = float(ratio.gather(1, ids[0, len(PROMPT):, None]).sum())
+        assert row.stats["implicit"] == pytest.approx(expected, abs=1e-3)
     assert gen.stats()["mean_implicit_reward"] == pytest.approx(np.mean([r.stats["implicit"] for r in gen.rows]),
                                                                  abs=1e-4)
 

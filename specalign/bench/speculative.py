@@ -102,7 +102,7 @@ def run(config: SpeculativeBenchConfig) -> dict:
     from tqdm.auto import tqdm
     from ..decode.generators import SamplingGenerator, eos_ids_of
     from ..decode.sampling import SamplingParams
-    from ..decode.speculative import SpeculativeGenerator, same_spec
+    from ..decode.speculative import SpeculativeGenerator, load_draft_tokenizer, same_spec
     from ..models.loading import load_model, load_tokenizer
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -111,7 +111,7 @@ def run(config: SpeculativeBenchConfig) -> dict:
     if same_spec(config.draft, config.model):
         draft, draft_tok = target, tokenizer
     else:
-        draft, draft_tok = load_model(config.draft, config.dtype), load_tokenizer(config.draft)
+        draft, draft_tok = load_model(config.draft, config.dtype), load_draft_tokenizer(config.draft)
     params = SamplingParams(config.temperature, config.top_k, config.top_p)
     eos_ids = eos_ids_of(target, tokenizer) if config.eos else set()
     prompts = _prompt_ids(config, tokenizer)

@@ -75,6 +75,20 @@ def check_compatible(tokenizer, models: dict, tokenizers: dict | None = None) ->
     return min(sizes.values())
 
 
+def load_draft_tokenizer(spec: str):
+    """The draft's own tokenizer for ``check_compatible``; None for a model directory saved without one
+    (a training checkpoint): then only the head sizes can be checked."""
+    from pathlib import Path
+    from ..models.loading import load_tokenizer, resolve
+    resolved = resolve(spec)
+    folder = Path(resolved.path)
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not resolved.adapter and resolved.gguf_file is None and folder.is_dir() \
+            and not any((folder / f).is_file() for f in files):
+        return None
+    return load_tokenizer(resolved)
+
+
 def same_spec(a: str | None, b: str | None) -> bool:
     """Two model specs naming the same weights (after resolving paths / bundled names)."""
     if not a or not b:
@@ -141,11 +155,12 @@ class SpeculativeGenerator(Generator):
     @classmethod
     def from_specs(cls, model, tokenizer, config) -> "SpeculativeGenerator":
         """From a ``DecodeConfig``: load ``config.draft`` (reusing the target when it is the same spec)."""
-        from ..models.loading import load_model, load_tokenizer
+        from ..models.loading import load_model
         if same_spec(config.draft, config.model):
             draft, draft_tok = model, tokenizer
         else:
-            draft, draft_tok = load_model(config.draft, config.dtype, config.device), load_tokenizer(config.draft)
+            draft = load_model(config.draft, config.dtype, config.device)
+            draft_tok = load_draft_tokenizer(config.draft)
         return cls(model, draft, tokenizer, config.sampling, config.max_new_tokens, config.stop, gamma=config.gamma,
                    draft_tokenizer=draft_tok)
 

@@ -73,7 +73,8 @@ class SSSGenerator(SpeculativeGenerator):
         if rule not in RULES:
             raise SpecError(f"unknown SSS rule '{rule}': use exact (default) or paper")
         if not isinstance(shift_lambda, (int, float)) or not math.isfinite(shift_lambda):
-            raise SpecError(f"shift-lambda must be a finite number (0 = target sampling, 1 = SSS), got {shift_lambda!r}")
+            raise SpecError(f"shift-lambda must be a finite number (0 = target sampling, 1 = SSS), "
+                            f"got {shift_lambda!r}")
         if draft_ref is None and not hasattr(draft, "disable_adapter"):
             raise SpecError("SSS needs the unaligned draft Q0: pass --draft-ref MODEL, or a --draft adapter directory "
                             "(Q0 = its base with the adapter disabled)")
@@ -101,14 +102,15 @@ class SSSGenerator(SpeculativeGenerator):
     def from_specs(cls, model, tokenizer, config) -> "SSSGenerator":
         """From a ``DecodeConfig``. ``--draft`` = Qr: an adapter directory (Q0 = its base, adapter disabled;
         a ``--draft-ref`` must then name that base) or a model with ``--draft-ref`` = Q0."""
-        from ..models.loading import load_model, load_tokenizer, resolve
+        from ..models.loading import load_model, resolve
+        from .speculative import load_draft_tokenizer
         loaded = {config.model: (model, tokenizer)}
 
         def get(spec):
             for known, pair in loaded.items():
                 if same_spec(spec, known):
                     return pair
-            loaded[spec] = (load_model(spec, config.dtype, config.device), load_tokenizer(spec))
+            loaded[spec] = (load_model(spec, config.dtype, config.device), load_draft_tokenizer(spec))
             return loaded[spec]
 
         adapter = resolve(config.draft).adapter
