@@ -47,7 +47,9 @@ def test_smoke_pipeline_runs_then_resumes(tmp_path):
     assert (out / "value" / "value_head.json").is_file() and (out / "value" / "value_report.json").is_file()
     assert [p["n"] for p in results["results"]["best_of_n_curve"]] == [1, 2, 4, 8]
     assert results["config"]["dpo"] == str(out / "dpo") and results["config"]["value"] == str(out / "value")
-    assert set(results["results"]["targets"]) == {"value_vs_partial_text", "sss", "sss_x_spr_frontier"}
+    assert set(results["results"]["targets"]) == {"value_vs_partial_text", "sss", "adaptive_vs_fixed_alpha",
+                                                  "sss_x_spr_frontier"}
+    assert [m["params"]["alpha"] for m in results["results"]["methods"] if m["method"] == "spr-judge"] == [0.5, 0.75]
     # each step's merged config was written and names the earlier steps' outputs
     assert f"policy: {out / 'draft'}" in (out / "configs" / "preferences.yaml").read_text()
 

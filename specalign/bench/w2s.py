@@ -56,6 +56,8 @@ class W2SBenchConfig:
     sss_bon_n: int = field(default=16, metadata={"help": "Best-of-N over SSS: samples per prompt (a power of 2)"})
     n: int = field(default=32, metadata={"help": "initial rows of every Speculative Rejection method"})
     alpha: float = field(default=0.5, metadata={"help": "fixed rejection rate of the non-adaptive methods"})
+    judge_alphas: list[float] = field(default_factory=list, metadata={
+        "help": "more fixed rates for spr-judge (to compare --alpha auto with the best fixed alpha)"})
     decision: str = field(default="tokens:8", metadata={"help": "decision points (tokens:K | budget)"})
     gamma: int = field(default=4, metadata={"help": "SSS draft tokens per block"})
     max_batch_tokens: int = field(default=1_000_000, metadata={"help": "token budget"})
@@ -72,8 +74,9 @@ class W2SBenchConfig:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             raise SpecError(f"unknown w2s methods {unknown}: use some of {', '.join(ALL_METHODS)}")
-        if not 0 <= self.alpha < 1:
-            raise SpecError(f"alpha must be in [0, 1), got {self.alpha}")
+        for a in [self.alpha, *self.judge_alphas]:
+            if not 0 <= a < 1:
+                raise SpecError(f"alpha must be in [0, 1), got {a}")
         if self.n < 1 or self.max_new_tokens < 1 or self.gamma < 1:
             raise SpecError("n, max-new-tokens and gamma must be >= 1")
         for path, what in ((self.dpo, "dpo"), (self.value, "value")):
@@ -117,12 +120,13 @@ class Setup:
         return SSSGenerator(self.target, self.draft, None, self.tok, self.params, self.cfg.max_new_tokens,
                             gamma=self.cfg.gamma, draft_tokenizer=self.tok)
 
-    def spr(self, adaptive: bool = False):
+    def spr(self, adaptive: bool = False, alpha: float | None = None):
         from ..decode.adaptive import AdaptiveRejection
         from ..decode.spec_rejection import SpeculativeRejection
         if adaptive:
             return AdaptiveRejection(n=self.cfg.n, decision=self.cfg.decision, max_batch_tokens=self.cfg.max_batch_tokens)
-        return SpeculativeRejection(n=self.cfg.n, alpha=self.cfg.alpha, decision=self.cfg.decision,
+        return SpeculativeRejection(n=self.cfg.n, alpha=self.cfg.alpha if alpha is None else alpha,
+                                    decision=self.cfg.decision,
                                     max_batch_tokens=self.cfg.max_batch_tokens)
 
 
@@ -199,6 +203,9 @@ def run_prompt(setup: Setup, index: int, prompt: str) -> dict:
         if name in methods:
             gen, selector, scorer = make()
             rec[name] = measure(setup, gen, selector, scorer, prompt, ids, seed)
+    if "spr-judge" in methods:
+        for a in cfg.judge_alphas:
+            rec[f"spr-judge@{a}"] = measure(setup, setup.sampler(), setup.spr(alpha=a), setup.judge, prompt, ids, seed)
     return rec
 
 
@@ -258,10 +265,15 @@ def aggregate(cfg: W2SBenchConfig, records: list[dict], methods: list[str], para
     for p in out.get("best_of_n_sss_curve", []):
         add("best-of-n+sss", {"n": p["n"]}, p["mean_gold"], p["target_positions"], p["flops"], p["wall_s"],
             {"wall_measured": p["wall_measured"], "target_calls_per_token": p["target_calls_per_token"]})
-    for name in methods:
-        if name in ("sample", "best-of-n", "best-of-n+sss"):
+    names = list(methods)
+    if "spr-judge" in methods:
+        names[names.index("spr-judge") + 1:names.index("spr-judge") + 1] = [f"spr-judge@{a}" for a in cfg.judge_alphas]
+    for key in names:
+        if key in ("sample", "best-of-n", "best-of-n+sss"):
             continue
-        runs = [r[name] for r in records]
+        name, _, alpha = key.partition("@")
+        alpha = float(alpha) if alpha else cfg.alpha
+        runs = [r[key] for r in records]
         extra = {"mean_tokens": _mean(x["tokens"] for x in runs),
                  "scorer_positions": _mean(x["scorer_positions"] for x in runs)}
         calls = [x.get("target_calls_per_token") for x in runs if x.get("target_calls_per_token") is not None]
@@ -270,7 +282,7 @@ def aggregate(cfg: W2SBenchConfig, records: list[dict], methods: list[str], para
             extra["acceptance_rate"] = _mean(x["acceptance_rate"] for x in runs)
         if "rounds" in runs[0]:
             extra["rounds_first_prompt"] = runs[0]["rounds"]
-        params_ = {} if name == "sss" else {"n": cfg.n, "alpha": "auto" if "adaptive" in name else cfg.alpha,
+        params_ = {} if name == "sss" else {"n": cfg.n, "alpha": "auto" if "adaptive" in name else alpha,
                                             "decision": cfg.decision}
         if "sss" in name:
             params_["gamma"] = cfg.gamma
@@ -296,7 +308,11 @@ def pareto(methods: list[dict]) -> list[str]:
 
 def label(m: dict) -> str:
     p = m["params"]
-    return m["method"] + (f" N={p['n']}" if "n" in p and m["method"] in ("best-of-n", "best-of-n+sss") else "")
+    if m["method"] in ("best-of-n", "best-of-n+sss"):
+        return f"{m['method']} N={p['n']}"
+    if m["method"] == "spr-judge":
+        return f"spr-judge a={p['alpha']}"
+    return m["method"]
 
 
 def check_targets(agg: dict) -> dict:
@@ -321,6 +337,18 @@ def check_targets(agg: dict) -> dict:
                       "target_calls_per_token": calls,
                       "met": sss["mean_gold"] >= bo8["mean_gold"] and ratio <= 1.3 and calls is not None
                       and calls <= 0.5}
+    fixed = [m for m in methods if m["method"] == "spr-judge"]
+    adaptive = _find(methods, "spr-adaptive")
+    if fixed and adaptive:
+        beaten = [m["params"]["alpha"] for m in fixed if m["target_positions"] <= adaptive["target_positions"]
+                  and m["mean_gold"] >= adaptive["mean_gold"]]
+        best = max(fixed, key=lambda m: (m["mean_gold"], -m["target_positions"]))
+        out["adaptive_vs_fixed_alpha"] = {
+            "target": "spr-adaptive not dominated by any fixed alpha (score >= and target compute <=)",
+            "adaptive": {"score": adaptive["mean_gold"], "target_positions": adaptive["target_positions"]},
+            "fixed": [{"alpha": m["params"]["alpha"], "score": m["mean_gold"],
+                       "target_positions": m["target_positions"]} for m in fixed],
+            "best_fixed_alpha": best["params"]["alpha"], "dominated_by": beaten, "met": not beaten}
     combo = [m for m in methods if m["method"].startswith("spr+sss")]
     if combo:
         frontier = pareto(methods)
