@@ -129,8 +129,9 @@ def write_results(output_dir, results: dict, table: str) -> Path:
 
 
 def plot_score_vs_compute(path, panels: list[dict], xlabel: str, ylabel: str, title: str = "") -> None:
-    """One subplot per panel: {"title", "reference": {"x", "y", "labels", "name"}, "points": [{"x", "y",
-    "label", "marker"?, "hollow"?}]}; log x, the reference drawn as a line with labelled points."""
+    """One subplot per panel: {"title", "reference": {"x", "y", "labels", "name"}, "series": [{"x", "y",
+    "label", "labels"?, "hollow"?}], "points": [{"x", "y", "label", "marker"?, "hollow"?}]}; log x, the
+    reference drawn as a black line with labelled points, each series as a coloured line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -142,8 +143,14 @@ def plot_score_vs_compute(path, panels: list[dict], xlabel: str, ylabel: str, ti
             for x, y, lab in zip(ref["x"], ref["y"], ref.get("labels", [])):
                 ax.annotate(str(lab), (x, y), textcoords="offset points", xytext=(-4, 6), fontsize=7)
         cmap = plt.get_cmap("tab10")
+        for j, line in enumerate(panel.get("series", [])):
+            color = cmap((j + 3) % 10)
+            ax.plot(line["x"], line["y"], "--" if line.get("hollow") else "-", marker="o", color=color,
+                    markerfacecolor="none" if line.get("hollow") else color, markersize=5, label=line["label"])
+            for x, y, lab in zip(line["x"], line["y"], line.get("labels", [])):
+                ax.annotate(str(lab), (x, y), textcoords="offset points", xytext=(3, -9), fontsize=6, color=color)
         for j, pt in enumerate(panel.get("points", [])):
-            color = cmap(j % 10)
+            color = cmap(j % 3)
             ax.scatter([pt["x"]], [pt["y"]], marker=pt.get("marker", "s"), s=46, zorder=3, label=pt["label"],
                        facecolors="none" if pt.get("hollow") else color, edgecolors=color)
         ax.set_xscale("log")

@@ -260,22 +260,32 @@ def table(report: dict) -> str:
 
 
 def plots(report: dict, output_dir: Path) -> None:
+    """curve.png (improvement vs target positions) and curve_wall.png (vs wall time, measured runs only):
+    Best-of-N as the reference line, measured SpR as filled squares, replayed SpR as dashed lines over
+    alpha, one per (N, decision)."""
     for fname, key, xlabel in (("curve.png", "compute", "target positions per prompt (log)"),
                                ("curve_wall.png", "wall", "wall seconds per prompt (log)")):
         panels = []
         for task, data in report["tasks"].items():
             bon = [x for x in data["methods"] if x["method"] == "best-of-n"]
             value = (lambda x: x["compute"]["target_positions"]) if key == "compute" else (lambda x: x.get("wall_s"))
-            points = []
+            points, series = [], {}
             for x in data["methods"]:
                 if x["method"] == "best-of-n" or value(x) is None:
                     continue
                 p = x["params"]
-                points.append({"x": value(x), "y": x["improvement_score"], "hollow": x["simulated"],
-                               "marker": "o" if x["simulated"] else "s",
-                               "label": f"{'replayed ' if x['simulated'] else ''}SpR N={p['n']} a={p['alpha']} "
-                                        f"{p['decision']}"})
-            panels.append({"title": f"{task}", "points": points,
+                if x["simulated"]:
+                    series.setdefault((p["n"], p["decision"]), []).append((p["alpha"], value(x), x["improvement_score"]))
+                else:
+                    points.append({"x": value(x), "y": x["improvement_score"], "marker": "s",
+                                   "label": f"SpR N={p['n']} a={p['alpha']} {p['decision']} (measured)"})
+            lines = []
+            for (n, decision), pts in series.items():
+                pts.sort()
+                lines.append({"x": [v for _, v, _ in pts], "y": [y for _, _, y in pts], "hollow": True,
+                              "labels": [f"{a:g}" for a, _, _ in pts],
+                              "label": f"SpR N={n} {decision} (replayed; alpha at points)"})
+            panels.append({"title": f"{task}", "points": points, "series": lines,
                            "reference": {"x": [value(x) for x in bon], "y": [x["improvement_score"] for x in bon],
                                          "labels": [x["params"]["n"] for x in bon], "name": "Best-of-N"}})
         plot_score_vs_compute(output_dir / fname, panels, xlabel, "improvement score",
