@@ -1,0 +1,171 @@
+"""Batched sampling of many prompts with the project's decode engine, for training data.
+
+``MultiPromptSampler`` is a ``SamplingGenerator`` whose batch holds different prompts (one
+left-padded prefill), so a policy's samples for a whole prompt set come out in batches of 32-64
+rows. With ``topk > 0`` it also records, at every emitted position, the sampler's top-k
+log-probabilities (raw, temperature 1): the teacher signal for distillation comes free with the
+teacher's own samples.
+
+``sample_responses(model, tokenizer, prompts, ...)`` -> list of dicts per (prompt, sample):
+``prompt_index``, ``prompt_ids``, ``response_ids`` (EOS kept when the row ended with it),
+``reason``, ``logp`` and, with ``topk``, ``topk_ids`` (R, K) int32 / ``topk_logp`` (R, K) float16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..decode.generators import Row, SamplingGenerator
+from ..decode.sampling import SamplingParams
+
+
+class MultiPromptSampler(SamplingGenerator):
+    name = "sample-multi"
+
+    def __init__(self, model, tokenizer, params: SamplingParams | None = None, max_new_tokens: int = 128,
+                 stop=(), eos_ids=None, topk: int = 0):
+        super().__init__(model, tokenizer, params, max_new_tokens, stop, eos_ids)
+        self.topk = topk
+
+    def start_many(self, prompts_ids: list[list[int]], rng: torch.Generator | None = None) -> None:
+        """One left-padded prefill of different prompts, one row each."""
+        self.rng = rng
+        self.prompts_ids = [list(p) for p in prompts_ids]
+        self.prompt_ids = []
+        self.rows = [Row() for _ in prompts_ids]
+        self.active = list(range(len(prompts_ids)))
+        self.next_logits = self.target.prefill(self.prompts_ids)
+        if self.topk:
+            for row in self.rows:
+                row.stats["topk_ids"], row.stats["topk_logp"] = [], []
+
+    def _step(self):
+        if self.topk:
+            logp = torch.log_softmax(self.next_logits.float(), dim=-1)
+            vals, ids = logp.topk(self.topk, dim=-1)
+            for pos, i in enumerate(self.active):
+                self.rows[i].stats["topk_ids"].append(ids[pos].to(torch.int32).cpu())
+                self.rows[i].stats["topk_logp"].append(vals[pos].to(torch.float16).cpu())
+        super()._step()
+
+
+def _jobs(prompts_ids, n):
+    """(prompt index, sample index) pairs sorted by prompt length, so each batch pads little."""
+    return sorted([(i, k) for i in range(len(prompts_ids)) for k in range(n)],
+                  key=lambda job: (len(prompts_ids[job[0]]), job))
+
+
+def _sample_chunk(sampler: MultiPromptSampler, prompts_ids, chunk, rng) -> list[dict]:
+    sampler.start_many([prompts_ids[i] for i, _ in chunk], rng)
+    sampler.advance()
+    recs = []
+    for (i, k), row in zip(chunk, sampler.rows):
+        rec = {"prompt_index": i, "sample": k, "prompt_ids": list(prompts_ids[i]), "response_ids": list(row.tokens),
+               "reason": row.reason, "logp": row.stats["logp"]}
+        if sampler.topk:
+            rec["topk_ids"] = torch.stack(row.stats["topk_ids"])
+            rec["topk_logp"] = torch.stack(row.stats["topk_logp"])
+        recs.append(rec)
+    return recs
+
+
+def chunk_seed(seed: int, b: int) -> int:
+    return seed * 1_000_003 + b
+
+
+def sample_responses(model, tokenizer, prompts_ids: list[list[int]], n: int = 1, batch_rows: int = 48,
+                     max_new_tokens: int = 128, params: SamplingParams | None = None, seed: int = 0,
+                     topk: int = 0, progress: bool = True, desc: str = "sampling") -> list[dict]:
+    """``n`` samples for each prompt, in batches of ``batch_rows`` rows (prompts sorted by length)."""
+    from tqdm.auto import tqdm
+    jobs = _jobs(prompts_ids, n)
+    sampler = MultiPromptSampler(model, tokenizer, params or SamplingParams(), max_new_tokens, topk=topk)
+    out: list[dict] = []
+    bar = tqdm(total=len(jobs), desc=desc, unit="row", disable=not progress)
+    for b, start in enumerate(range(0, len(jobs), batch_rows)):
+        chunk = jobs[start:start + batch_rows]
+        rng = torch.Generator(device="cpu").manual_seed(chunk_seed(seed, b))
+        out.extend(_sample_chunk(sampler, prompts_ids, chunk, rng))
+        bar.update(len(chunk))
+    bar.close()
+    out.sort(key=lambda r: (r["prompt_index"], r["sample"]))
+    return out
+
+
+def cached_samples(cache_dir, model, tokenizer, prompts_ids: list[list[int]], meta: dict, n: int = 1,
+                   batch_rows: int = 48, max_new_tokens: int = 128, params: SamplingParams | None = None,
+                   seed: int = 0, topk: int = 0, progress: bool = True, desc: str = "sampling",
+                   shard: tuple[int, int] | None = None) -> list[dict] | None:
+    """``sample_responses`` with an on-disk cache that is filled chunk by chunk (resumable).
+
+    ``cache_dir`` holds ``meta.json`` (what was sampled: ``meta`` plus the sampling settings and the
+    prompts' hash) and one ``chunk-NNNNN.pt`` per batch, each written atomically. A later call with the
+    same settings reads the chunks and samples only the missing ones; different settings are an error.
+    ``shard=(rank, world)``: only fill chunks b with b % world == rank and return None (data-parallel
+    processes share the sampling, then each reads everything).
+    """
+    import hashlib
+    import json
+    import os
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from ..errors import SpecError
+
+    params = params or SamplingParams()
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha1(json.dumps(prompts_ids).encode()).hexdigest()
+    full_meta = dict(meta, n=n, batch_rows=batch_rows, max_new_tokens=max_new_tokens, temperature=params.temperature,
+                     top_k=params.top_k, top_p=params.top_p, seed=seed, topk=topk, prompts_sha1=digest,
+                     num_prompts=len(prompts_ids))
+    meta_file = cache / "meta.json"
+    if meta_file.is_file():
+        old = json.loads(meta_file.read_text())
+        if old != full_meta:
+            diff = sorted(k for k in set(old) | set(full_meta) if old.get(k) != full_meta.get(k))
+            raise SpecError(f"sample cache {cache} was made with other settings ({', '.join(diff)}): delete it or "
+                            "set another samples cache path")
+    else:
+        tmp = meta_file.with_suffix(f".tmp{os.getpid()}")  # several processes may write the same content
+        tmp.write_text(json.dumps(full_meta, indent=1))
+        os.replace(tmp, meta_file)
+    jobs = _jobs(prompts_ids, n)
+    chunks = list(range(0, len(jobs), batch_rows))
+    out: list[dict] = []
+    sampler = None
+    bar = tqdm(total=len(jobs), desc=desc, unit="row", disable=not progress)
+    for b, start in enumerate(chunks):
+        path = cache / f"chunk-{b:05d}.pt"
+        chunk = jobs[start:start + batch_rows]
+        if shard is not None:
+            if b % shard[1] == shard[0] and not path.is_file():
+                rng = torch.Generator(device="cpu").manual_seed(chunk_seed(seed, b))
+                if sampler is None:
+                    sampler = MultiPromptSampler(model, tokenizer, params, max_new_tokens, topk=topk)
+                _save(_sample_chunk(sampler, prompts_ids, chunk, rng), path)
+            bar.update(len(chunk))
+            continue
+        if path.is_file():
+            recs = torch.load(path, weights_only=False)
+        else:
+            if sampler is None:
+                sampler = MultiPromptSampler(model, tokenizer, params, max_new_tokens, topk=topk)
+            rng = torch.Generator(device="cpu").manual_seed(chunk_seed(seed, b))
+            recs = _sample_chunk(sampler, prompts_ids, chunk, rng)
+            _save(recs, path)
+        out.extend(recs)
+        bar.update(len(chunk))
+    bar.close()
+    if shard is not None:
+        return None
+    out.sort(key=lambda r: (r["prompt_index"], r["sample"]))
+    return out
+
+
+def _save(recs, path) -> None:
+    import os
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(recs, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,174 @@
+"""`train draft`: draft construction, the distillation loss, the step end to end, resume, atomic output."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from specalign.errors import SpecError
+from specalign.models.draft import acceptance, build_draft, layer_indices
+from specalign.models.testing import tiny_llama
+from specalign.train.common import atomic_dir
+from specalign.train.draft import coarse_distributions, collate, distill_loss
+from specalign.train.testing import prompt_file, save_tiny_model, template_prompts
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("draft")
+    torch.set_num_threads(1)
+    return {"root": root, "target": save_tiny_model(root / "target"),
+            "train": prompt_file(root / "train.json", template_prompts(64)),
+            "held": prompt_file(root / "held.json", template_prompts(16, offset=400))}
+
+
+def config(tiny, out, **kw):
+    from specalign.train.draft_config import DraftConfig
+    base = dict(output_dir=str(out), target=tiny["target"], draft="first:1", prompts=tiny["train"],
+                exclude_prompts=None, eval_prompts=tiny["held"], eval_limit=0, max_new_tokens=24, topk=16,
+                learning_rate=3e-3, max_steps=60, warmup_steps=0, per_device_train_batch_size=8, logging_steps=1000,
+                save_steps=1000, torch_threads=1, seed=0, disable_tqdm=True, sample_batch_rows=32)
+    base.update(kw)
+    return DraftConfig(**base)
+
+
+def test_layer_choices():
+    assert layer_indices("first:3", 30) == [0, 1, 2]
+    assert layer_indices("spread:6", 30) == [0, 6, 12, 17, 23, 29]
+    assert layer_indices("spread:1", 30) == [0]
+    assert layer_indices("layers:0,5,29", 30) == [0, 5, 29]
+    for bad in ("first:0", "spread:31", "layers:3,1", "layers:0,30", "middle:4", "first:x", "layers:"):
+        with pytest.raises(SpecError):
+            layer_indices(bad, 30)
+
+
+def test_build_draft_copies_layers_and_shares_vocab():
+    target = tiny_llama(num_layers=4, seed=3)
+    draft = build_draft(target, "layers:1,3")
+    assert draft.config.num_hidden_layers == 2
+    t, d = target.state_dict(), draft.state_dict()
+    kept = {0: 1, 1: 3}
+    for name, tensor in d.items():
+        source = name
+        if name.startswith("model.layers."):
+            i = int(name.split(".")[2])
+            source = name.replace(f"model.layers.{i}.", f"model.layers.{kept[i]}.")
+        assert torch.equal(tensor, t[source]), name
+    # every layer kept = the target itself, exactly
+    full = build_draft(target, "first:4")
+    ids = torch.randint(3, 70, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(full(ids).logits, target(ids).logits)
+    # per-layer cache slots are renumbered: incremental decoding equals a full forward
+    with torch.no_grad():
+        whole = draft(ids).logits[:, -1]
+        out = draft(ids[:, :5], use_cache=True)
+        step = draft(ids[:, 5:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+    assert torch.allclose(whole, step, atol=1e-5)
+
+
+def test_coarse_loss_is_exact_kl_and_tv_when_topk_covers_the_vocab():
+    torch.manual_seed(0)
+    p_logits, q_logits = torch.randn(2, 5, 11) * 2, torch.randn(2, 5, 11) * 2
+    logp = torch.log_softmax(p_logits, -1)
+    vals, ids = logp.topk(11, -1)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    p, q = logp.exp(), torch.softmax(q_logits, -1)
+    kl = (p * (logp - torch.log_softmax(q_logits, -1))).sum(-1).mean()
+    tv = 0.5 * (p - q).abs().sum(-1).mean()
+    assert torch.allclose(distill_loss(q_logits, ids, vals, mask, "kl"), kl, atol=1e-5)
+    assert torch.allclose(distill_loss(q_logits, ids, vals, mask, "tvd"), tv, atol=1e-5)
+    # with k < V the rest bucket holds exactly the remaining mass of each distribution
+    vals3, ids3 = logp.topk(3, -1)
+    lp, lq = coarse_distributions(q_logits, ids3, vals3)
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(2, 5), atol=1e-5)
+    assert torch.allclose(lq.exp().sum(-1), torch.ones(2, 5), atol=1e-5)
+    rest_q = 1 - q.gather(-1, ids3).sum(-1)
+    assert torch.allclose(lq[..., -1].exp(), rest_q, atol=1e-5)
+
+
+def test_collate_aligns_every_response_token_with_its_prediction():
+    recs = [{"prompt_ids": [5, 6, 7], "response_ids": [8, 9], "topk_ids": torch.zeros(2, 4, dtype=torch.int32),
+             "topk_logp": torch.zeros(2, 4)},
+            {"prompt_ids": [5], "response_ids": [10, 11, 12, 2], "topk_ids": torch.zeros(4, 4, dtype=torch.int32),
+             "topk_logp": torch.zeros(4, 4)}]
+    b = collate(recs, pad_id=0)
+    width_r = b["response_mask"].shape[1]
+    assert width_r == 4 and b["input_ids"].shape == (2, 3 + 4 - 1)
+    # column P-1+j holds the token just before response token j
+    last_r = b["input_ids"].shape[1] - width_r
+    assert b["input_ids"][0, last_r:last_r + 2].tolist() == [7, 8]
+    assert b["input_ids"][1, last_r:last_r + 4].tolist() == [5, 10, 11, 12]
+    assert b["response_mask"].tolist() == [[True, True, False, False], [True] * 4]
+    assert b["position_ids"][1, last_r].item() == 0 and b["position_ids"][0, last_r].item() == 2
+
+
+def test_draft_step_raises_held_out_acceptance(tiny, tmp_path):
+    from specalign.models.loading import load_model
+    from specalign.train.draft import run
+    result = run(config(tiny, tmp_path / "draft"))
+    out = tmp_path / "draft"
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    saved = json.loads((out / "draft_report.json").read_text())
+    assert saved["acceptance"] == pytest.approx(result["acceptance"])
+    assert result["acceptance"] > result["acceptance_before"] + 0.05, result
+    assert result["train_steps"] == 60 and result["distributed"]["processes"] == 1
+    # the directory is a plain model of one layer; re-measuring gives the reported figure
+    draft = load_model(str(out))
+    assert draft.config.num_hidden_layers == 1
+    assert not list(tmp_path.glob(".draft.*")), "no partial directory left behind"
+    assert not list((tmp_path / "draft.work").glob("checkpoint-*")), "checkpoints dropped after success"
+
+
+def test_existing_small_model_as_draft_and_vocab_check(tiny, tmp_path):
+    from specalign.train.draft import run
+    other = save_tiny_model(tmp_path / "other", num_layers=1, seed=7)
+    result = run(config(tiny, tmp_path / "d2", draft=other, max_steps=2, eval_before=False))
+    assert result["layers"] is None and result["train_steps"] == 2
+    from specalign.models.testing import tiny_llama as tl
+    tl(vocab_size=50, num_layers=1).save_pretrained(tmp_path / "small_vocab")
+    from specalign.models.testing import char_tokenizer
+    char_tokenizer().save_pretrained(tmp_path / "small_vocab")
+    with pytest.raises(SpecError, match="vocabulary"):
+        run(config(tiny, tmp_path / "d3", draft=str(tmp_path / "small_vocab"), max_steps=1))
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny, tmp_path):
+    from specalign.train.draft import run
+    out = tmp_path / "r"
+    first = run(config(tiny, out, max_steps=4, save_steps=2, keep_checkpoints=True, eval_prompts=None))
+    assert first["train_steps"] == 4
+    assert sorted(p.name for p in (tmp_path / "r.work").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    second = run(config(tiny, out, max_steps=6, save_steps=2, resume=True, eval_prompts=None))
+    assert second["resumed_from"].endswith("checkpoint-4")
+    assert second["train_steps"] == 6 and second["steps_this_run"] == 2
+
+
+def test_existing_output_needs_overwrite(tiny, tmp_path):
+    from specalign.train.draft import run
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SpecError, match="already exists"):
+        run(config(tiny, tmp_path / "taken", max_steps=1))
+
+
+def test_atomic_dir_keeps_the_old_output_on_failure(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("crash")
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+
+
+def test_acceptance_of_a_model_with_itself_is_one():
+    target = tiny_llama(num_layers=2, seed=1)
+    res = acceptance(target, target, [[1, 5, 6], [1, 7]], [[8, 9, 10], [11]], pad_id=0)
+    assert res["positions"] == 4 and math.isclose(res["acceptance"], 1.0, rel_tol=1e-5)
+    assert len(res["per_position"]) == 3
