@@ -188,10 +188,9 @@ def plot(report: dict, path: Path) -> None:
     for task, cells in report["summary"].items():
         ks = [c["k"] for c in cells]
         for ax, name in zip(axes[:2], ("pearson", "kendall")):
-            mean = [c[name]["mean"] for c in cells]
-            lo = [c[name]["mean"] - c[name]["q25"] for c in cells]
-            hi = [c[name]["q75"] - c[name]["mean"] for c in cells]
-            ax.errorbar(ks, mean, yerr=[lo, hi], marker="o", capsize=3, label=task)
+            line, = ax.plot(ks, [c[name]["mean"] for c in cells], marker="o", label=f"{task} (mean, IQR band)")
+            ax.fill_between(ks, [c[name]["q25"] for c in cells], [c[name]["q75"] for c in cells],
+                            color=line.get_color(), alpha=0.15)
         for a in report["config"]["alphas"]:
             axes[2].plot(ks, [c["best_survives"][str(a)] for c in cells], marker="o", label=f"{task}, alpha={a}")
     for ax, title in zip(axes, ("Pearson r (partial vs final), per prompt", "Kendall tau, per prompt",
