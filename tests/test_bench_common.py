@@ -153,7 +153,7 @@ def test_bench_spr_and_correlation_end_to_end(tiny_dir, tmp_path):
     out, work = tmp_path / "spr", tmp_path / "work"
     args = ["--model", tiny_dir, "--prompts", str(prompts), "--bon-n", "8", "--max-new-tokens", "6",
             "--tasks", "loglik:self", "judge:inoffensive", "--spr", "8:0.5:tokens:2",
-            "--simulate", "8:0.0:tokens:2", "4:0.5:tokens:2", "--output-dir", str(out), "--work-dir", str(work),
+            "--simulate", "8:0.0:tokens:2", "4:0.5:tokens:2", "--bon-direct", "4", "--output-dir", str(out), "--work-dir", str(work),
             "--threads", "0"]
     assert spr.main(args) == 0
     report = json.loads((out / "results.json").read_text())
@@ -163,8 +163,8 @@ def test_bench_spr_and_correlation_end_to_end(tiny_dir, tmp_path):
     assert len(records) == 2 and report["prompts"] == 2
     task = report["tasks"]["loglik:self"]
     methods = task["methods"]
-    assert [m["params"]["n"] for m in methods if m["method"] == "best-of-n"] == [1, 2, 4, 8]
-    bon = {m["params"]["n"]: m for m in methods if m["method"] == "best-of-n"}
+    assert [m["params"]["n"] for m in methods if m["method"] == "best-of-n"] == [1, 2, 4, 8, 4]  # + direct
+    bon = {m["params"]["n"]: m for m in methods if m["method"] == "best-of-n" and "direct" not in m["params"]}
     assert bon[2]["improvement_score"] == pytest.approx(100.0)
     assert bon[8]["mean_score"] == pytest.approx(sum(max(r["bon"]["scores"]["loglik:self"]) for r in records) / 2)
     full = sum(r["prompt_len"] + r["bon"]["decode_positions"] for r in records) / 2
@@ -176,6 +176,12 @@ def test_bench_spr_and_correlation_end_to_end(tiny_dir, tmp_path):
     assert zero["mean_score"] == pytest.approx(bon[8]["mean_score"])
     assert zero["compute"]["target_positions"] == pytest.approx(full)
     assert zero["speedup"]["value"] == pytest.approx(1.0)
+    direct = next(m for m in methods if m["params"].get("direct"))
+    assert direct["params"]["n"] == 4 and direct["wall_s"] > 0
+    assert direct["mean_score"] == pytest.approx(
+        sum(max(r["direct"]["4"]["scores"]["loglik:self"]) for r in records) / 2)
+    assert direct["compute"]["target_positions"] == sum(r["direct"]["4"]["positions"] for r in records) / 2
+    assert all(r["direct"]["4"]["positions"] < r["prompt_len"] + r["bon"]["decode_positions"] for r in records)
     measured = next(m for m in methods if m["method"] == "spec-rejection" and not m["simulated"])
     assert measured["wall_s"] > 0 and measured["compute"]["target_positions"] < full
     # resuming reads the records instead of recomputing them, and adds the entries they lack

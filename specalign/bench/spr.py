@@ -10,6 +10,8 @@ For every prompt, on the same engine and sampling settings:
    speedups read off the curve are conservative; at N = M every number is measured.
 2. Speculative Rejection, measured: each ``--spr N:ALPHA:DECISION`` entry runs for real per task
    (the task's scorer ranks partial responses), with the same per-prompt seed as the reference.
+   ``--bon-direct N ...`` also runs Best-of-N directly at those N (their own batch and samples), to
+   measure what the N/M wall-time share leaves out.
 3. Speculative Rejection, replayed (``--simulate``): the same algorithm code run on the M recorded
    samples, token by token (``ReplayGenerator``). A survivor's continuation is then its recorded
    one -- a sample from the same conditional distribution as a fresh continuation -- so scores
@@ -53,6 +55,8 @@ class SprBenchConfig:
     reference_n: int = field(default=2, metadata={"help": "BoN0 of the improvement score (>= 2)"})
     spr: list[str] = field(default_factory=lambda: ["128:0.9:tokens:8"],
                            metadata={"help": "measured Speculative Rejection runs, N:ALPHA:DECISION"})
+    bon_direct: list[int] = field(default_factory=list,
+                                  metadata={"help": "also run Best-of-N directly at these N (own batch, measured wall)"})
     simulate: list[str] = field(default_factory=list,
                                 metadata={"help": "Speculative Rejection replayed on the Best-of-N samples"})
     max_batch_tokens: int = field(default=1_000_000, metadata={"help": "token budget (decision=budget)"})
@@ -70,6 +74,8 @@ class SprBenchConfig:
             raise SpecError(f"reference-n must be in [2, bon-n={self.bon_n}], got {self.reference_n}")
         if not self.tasks:
             raise SpecError("give at least one task (--tasks loglik:self judge:sentiment)")
+        if any(not 1 <= n for n in self.bon_direct):
+            raise SpecError(f"bon-direct sizes must be >= 1, got {self.bon_direct}")
         for entry in self.spr + self.simulate:
             spr_from_entry(entry, self.max_batch_tokens)
         for entry in self.simulate:
@@ -131,6 +137,23 @@ def run_measured(config, record: dict, tokenizer, scorers: dict, sampler) -> boo
     from ..models.scorers import ScorerCost
     ids = chat_prompt(tokenizer, record["prompt"])
     ran = False
+    direct = record.setdefault("direct", {})
+    for n in config.bon_direct:
+        if str(n) in direct:
+            continue
+        sampler.reset_cost()
+        start = time.perf_counter()
+        sampler.start(ids, n, torch.Generator().manual_seed(prompt_seed(config.seed, record["index"])))
+        sampler.advance()
+        entry = {"positions": _positions(sampler), "gen_wall_s": time.perf_counter() - start, "scores": {},
+                 "score_wall_s": {}, "measured_at": time.time()}
+        candidates = [sampler.candidate(i, record["prompt"]) for i in range(n)]
+        for task, scorer in scorers.items():
+            start = time.perf_counter()
+            entry["scores"][task] = scorer(candidates)
+            entry["score_wall_s"][task] = time.perf_counter() - start
+        direct[str(n)] = entry
+        ran = True
     for task, scorer in scorers.items():
         for entry in config.spr:
             key = f"{task}|{entry}"
@@ -192,11 +215,24 @@ def aggregate(config, records: list[dict], params: int) -> dict:
                             "compute": {"target_positions": positions, "flops": 2.0 * params * positions},
                             "wall_s": mean([n / m * w for w in bon_wall]),
                             "wall_measured": n == m, "mean_tokens": mean([mean(r["bon"]["lengths"]) for r in records])})
-        curve = [x for x in methods]
+        curve = list(methods)  # the Best-of-N curve from the M samples
         ref_c = [x["compute"]["target_positions"] for x in curve]
         ref_w = [x["wall_s"] for x in curve]
         ref_s = [x["improvement_score"] for x in curve]
         top = curve[-1]
+        for n in config.bon_direct:
+            runs = [r["direct"][str(n)] for r in records]
+            best = [max(x["scores"][task]) for x in runs]
+            positions = mean([x["positions"] for x in runs])
+            wall = mean([x["gen_wall_s"] + x["score_wall_s"][task] for x in runs])
+            imp, used = improvement_score(best, ref_best, ref_worst)
+            methods.append({"method": "best-of-n", "params": {"n": n, "direct": True}, "simulated": False,
+                            "mean_score": mean(best), "improvement_score": imp,
+                            "compute": {"target_positions": positions, "flops": 2.0 * params * positions},
+                            "wall_s": wall, "wall_measured": True,
+                            "mean_tokens": mean([mean(r["bon"]["lengths"]) for r in records]),
+                            "speedup": speedup(imp, positions, ref_c, ref_s),
+                            "speedup_wall": speedup(imp, wall, ref_w, ref_s)})
         for kind, entries in (("spr", config.spr), ("simulated", config.simulate)):
             for entry in entries:
                 runs = [r[kind][f"{task}|{entry}"] for r in records]
@@ -240,7 +276,8 @@ def table(report: dict) -> str:
         rows = []
         for x in data["methods"]:
             if x["method"] == "best-of-n":
-                name, params = "Best-of-N", f"N={x['params']['n']}"
+                name = "Best-of-N (run directly)" if x["params"].get("direct") else "Best-of-N"
+                params = f"N={x['params']['n']}"
             else:
                 name = "SpR (replayed)" if x["simulated"] else "SpR"
                 params = f"N={x['params']['n']} a={x['params']['alpha']} {x['params']['decision']}"
@@ -267,14 +304,17 @@ def plots(report: dict, output_dir: Path) -> None:
                                ("curve_wall.png", "wall", "wall seconds per prompt (log)")):
         panels = []
         for task, data in report["tasks"].items():
-            bon = [x for x in data["methods"] if x["method"] == "best-of-n"]
+            bon = [x for x in data["methods"] if x["method"] == "best-of-n" and not x["params"].get("direct")]
             value = (lambda x: x["compute"]["target_positions"]) if key == "compute" else (lambda x: x.get("wall_s"))
             points, series = [], {}
             for x in data["methods"]:
-                if x["method"] == "best-of-n" or value(x) is None:
+                if x in bon or value(x) is None:
                     continue
                 p = x["params"]
-                if x["simulated"]:
+                if x["method"] == "best-of-n":
+                    points.append({"x": value(x), "y": x["improvement_score"], "marker": "^",
+                                   "label": f"Best-of-{p['n']} run directly (measured)"})
+                elif x["simulated"]:
                     series.setdefault((p["n"], p["decision"]), []).append((p["alpha"], value(x), x["improvement_score"]))
                 else:
                     points.append({"x": value(x), "y": x["improvement_score"], "marker": "s",
@@ -359,6 +399,7 @@ def run(config: SprBenchConfig) -> dict:
     if not records:
         raise SpecError("no prompts recorded yet: run without --aggregate-only first")
     missing = [e for e in config.spr for r in records for t in config.tasks if f"{t}|{e}" not in r["spr"]]
+    missing += [f"bon-direct {n}" for n in config.bon_direct for r in records if str(n) not in r.get("direct", {})]
     if missing:
         raise SpecError(f"measured entry {missing[0]} is missing from some records: run without --aggregate-only")
     params = count_params(model)
@@ -369,6 +410,8 @@ def run(config: SprBenchConfig) -> dict:
                             "bon_decode_positions": r["bon"]["decode_positions"],
                             "bon_mean_tokens": sum(r["bon"]["lengths"]) / len(r["bon"]["lengths"]),
                             "bon_capped": sum(x == "length" for x in r["bon"]["reasons"]),
+                            "direct": {n: {"positions": d["positions"], "gen_wall_s": d["gen_wall_s"]}
+                                       for n, d in r.get("direct", {}).items() if int(n) in config.bon_direct},
                             "spr": {k: v for k, v in r["spr"].items() if k.split("|", 1)[1] in config.spr},
                             "simulated": {k: {kk: vv for kk, vv in v.items() if kk != "rounds"}
                                           for k, v in r["simulated"].items() if k.split("|", 1)[1] in config.simulate}}
