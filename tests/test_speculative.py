@@ -174,6 +174,25 @@ def test_output_follows_processed_target(pair, tok, temperature, top_k, top_p, g
         assert_conditionals(tokens, depth, law, f"depth {depth}")
 
 
+def test_acceptance_counts_follow_sum_of_min(pair, tok):
+    """One block of gamma = 2: E[accepted] = a_1 + sum_v min(p_1, q_1)(v) a_2(v), E[evaluated] = 1 + a_1,
+    with a = sum_v min(p, q) (the probability that a reached draft token is accepted)."""
+    target, draft = pair
+    params = SamplingParams(0.9, 0, 1.0)
+    gen = SpeculativeGenerator(target, draft, tok, params, max_new_tokens=1, gamma=2, eos_ids=set())
+    draw(gen, PROMPT, DRAWS, seed=9)
+    p1, q1 = (processed(next_logits(m, [PROMPT]), params)[0] for m in (target, draft))
+    nxt = [PROMPT + [v] for v in range(V)]
+    a2 = torch.minimum(processed(next_logits(target, nxt), params), processed(next_logits(draft, nxt), params)).sum(1)
+    a1 = float(torch.minimum(p1, q1).sum())
+    expected_accepted = a1 + float((torch.minimum(p1, q1) * a2).sum())
+    stats = gen.stats()
+    assert stats["blocks"] == DRAWS and stats["proposed"] == 2 * DRAWS
+    assert abs(stats["evaluated"] / DRAWS - (1 + a1)) < 5 * np.sqrt(a1 * (1 - a1) / DRAWS)
+    assert abs(stats["accepted"] / DRAWS - expected_accepted) < 5 * np.sqrt(2 / DRAWS)  # n in {0,1,2}: var <= 1
+    assert stats["position_acceptance"] == pytest.approx(stats["accepted"] / stats["evaluated"], abs=1e-6)
+
+
 def test_rows_with_different_acceptance_lengths_keep_exact_caches(pair, tok):
     """Ragged prompts and per-row acceptance: each row's recorded target log-probs equal a fresh forward."""
     target, draft = pair
@@ -244,8 +263,9 @@ def test_cost_counts_exact(pair, tok):
     # draft: gamma forwards per block; first block reads [x], later blocks re-read [y_gamma, z]
     assert gen.cost["draft"].calls == 1 + 3 * gamma
     assert gen.cost["draft"].positions == plen + rows * gamma + 2 * rows * (gamma + 1)
-    assert gen.stats() == {"acceptance_rate": 1.0, "mean_accepted_per_block": 3.0, "target_calls_per_token": 0.3,
-                           "gamma": 3, "blocks": 6, "proposed": 18, "accepted": 18, "tokens": 20}
+    assert gen.stats() == {"acceptance_rate": 1.0, "position_acceptance": 1.0, "mean_accepted_per_block": 3.0,
+                           "target_calls_per_token": 0.3, "gamma": 3, "blocks": 6, "proposed": 18, "evaluated": 18,
+                           "accepted": 18, "tokens": 20}
     reference = [_hf_greedy(target, PROMPT, new)] * rows
     assert [r.tokens for r in gen.rows] == reference
 
@@ -256,7 +276,9 @@ def test_cost_counts_exact(pair, tok):
     assert gen.cost["target"].calls == 1 + new and gen.cost["target"].positions == plen + new * rows * (gamma + 1)
     assert gen.cost["draft"].calls == 1 + new * gamma
     assert gen.cost["draft"].positions == plen + rows * gamma + (new - 1) * rows * (gamma + 1)
-    assert gen.stats()["acceptance_rate"] == 0.0 and gen.stats()["target_calls_per_token"] == 1.0
+    stats = gen.stats()
+    assert stats["acceptance_rate"] == 0.0 and stats["target_calls_per_token"] == 1.0
+    assert stats["evaluated"] == stats["blocks"] == rows * new  # each block tests one draft and stops
     gen.reset_cost()
     assert gen.stats()["blocks"] == 0 and gen.cost["draft"].calls == 0
 
@@ -327,7 +349,7 @@ def test_bench_speculative_on_tiny_models(tiny_dir, tmp_path):
     from specalign.bench import main
     from specalign.bench.speculative import theory
     assert theory(0.5, 3, 0.1) == pytest.approx((1.875, 1.875 / 1.3))
-    assert theory(1.0, 3, 0.0) == (4.0, 4.0)
+    assert theory(1.0, 3, 0.0) == (4.0, 4.0) and theory(0.5, 3, 0.1, 2.0) == pytest.approx((1.875, 1.875 / 2.3))
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["Say hi.", "Name three colors."]))
     out = tmp_path / "bench"
@@ -342,6 +364,9 @@ def test_bench_speculative_on_tiny_models(tiny_dir, tmp_path):
         assert r["tokens_per_target_call_theory"] == r["gamma"] + 1
         assert r["speculative"]["tokens"] == r["plain"]["tokens"] == 2 * r["batch"] * 12
         assert r["speculative"]["target"]["calls"] == 2 * 12 // (r["gamma"] + 1)  # decode phase, per prompt summed
-        assert r["speedup_theory"] == pytest.approx((r["gamma"] + 1) / (r["gamma"] * r["cost_ratio_c"] + 1), rel=1e-3)
+        g, c, v = r["gamma"], r["cost_ratio_c"], r["verify_over_step"]
+        assert r["speedup_theory"] == pytest.approx((g + 1) / (g * c + 1), rel=1e-3)
+        assert r["speedup_theory_verify"] == pytest.approx((g + 1) / (g * c + v), rel=1e-3)
+        assert r["accepted_over_proposed"] == 1.0
     table = (out / "table.md").read_text()
     assert table.count("\n| ") == 1 + 6 and "tokens/target call" in table

@@ -179,7 +179,7 @@ class SpeculativeGenerator(Generator):
         return {"target": self.target.cost, "draft": self.draft.cost}
 
     def _reset_counters(self) -> None:
-        self.counters = {"rows": 0, "blocks": 0, "proposed": 0, "accepted": 0, "tokens": 0}
+        self.counters = {"rows": 0, "blocks": 0, "proposed": 0, "evaluated": 0, "accepted": 0, "tokens": 0}
 
     def reset_cost(self) -> None:
         super().reset_cost()
@@ -187,13 +187,18 @@ class SpeculativeGenerator(Generator):
 
     def stats(self) -> dict:
         """Per-prompt statistics since ``reset_cost``, counted per row: a block of one row proposes gamma
-        tokens and costs that row one target forward (batched rows share the forward)."""
+        tokens and costs that row one target forward (batched rows share the forward).
+
+        ``acceptance_rate`` = accepted / proposed; ``position_acceptance`` = accepted / evaluated, where a
+        block evaluates its drafts up to the first rejection: the per-position acceptance probability
+        (the alpha of speculative decoding's theory, sum_v min(p, q) averaged over the positions reached)."""
         c = self.counters
         return {"acceptance_rate": round(c["accepted"] / max(1, c["proposed"]), 6),
+                "position_acceptance": round(c["accepted"] / max(1, c["evaluated"]), 6),
                 "mean_accepted_per_block": round(c["accepted"] / max(1, c["blocks"]), 6),
                 "target_calls_per_token": round(c["blocks"] / max(1, c["tokens"]), 6),
-                "gamma": self.gamma, "blocks": c["blocks"], "proposed": c["proposed"], "accepted": c["accepted"],
-                "tokens": c["tokens"]}
+                "gamma": self.gamma, "blocks": c["blocks"], "proposed": c["proposed"], "evaluated": c["evaluated"],
+                "accepted": c["accepted"], "tokens": c["tokens"]}
 
     # -- start -------------------------------------------------------------------------------
     def _prefill(self, prompt_ids, n):
@@ -270,6 +275,7 @@ class SpeculativeGenerator(Generator):
 
         self.counters["blocks"] += len(n)
         self.counters["proposed"] += len(n) * gamma
+        self.counters["evaluated"] += int((n + 1).clamp(max=gamma).sum())
         self.counters["accepted"] += int(n.sum())
         lengths = (n + 1).tolist()
         self._emit_block([row[:k] for row, k in zip(emitted.tolist(), lengths)],
