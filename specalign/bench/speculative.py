@@ -158,8 +158,8 @@ def table(report: dict) -> str:
             "a = accepted / evaluated draft tokens (per-position acceptance); acc/prop = accepted / proposed; "
             "c = draft step / target step (wall); v = target forward over gamma+1 tokens / one target decode "
             "step; theory: (1-a^(g+1))/(1-a) tokens per call, speedup (1-a^(g+1))/((1-a)(g c+1)), and with the "
-            "measured verification cost (1-a^(g+1))/((1-a)(g c+v)). Tokens per call can beat the theory: "
-            "acceptance varies between positions, and the theory's i.i.d. a is its average.\n\n")
+            "measured verification cost (1-a^(g+1))/((1-a)(g c+v)). Command: `specalign bench speculative "
+            f"{report.get('command', '')}`.\n\n")
     columns = [("batch", "batch"), ("gamma", "gamma"), ("acceptance", "a"), ("accepted_over_proposed", "acc/prop"),
                ("tokens_per_target_call", "tokens/target call"), ("tokens_per_target_call_theory", "(theory)"),
                ("cost_ratio_c", "c"), ("verify_over_step", "v"), ("plain_tok_s", "plain tok/s"),
@@ -173,6 +173,7 @@ def main(args: list[str]) -> int:
     from .common import write_results
     (config,) = parse_config([SpeculativeBenchConfig], args, "specalign bench speculative")
     report = run(config.validate())
+    report["command"] = " ".join(args)
     text = table(report)
     out = write_results(config.output_dir, report, text)
     print(text)
