@@ -20,7 +20,23 @@ STEPS = {
 }
 
 
+def _drop_local_rank(args: list[str]) -> list[str]:
+    """The ``deepspeed`` launcher prepends ``--local_rank=N`` (it also sets LOCAL_RANK in the environment)."""
+    out, skip = [], False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+        elif a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            continue
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(args):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def main(args: list[str]) -> int:
+    args = _drop_local_rank(list(args))
     if not args or args[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0

@@ -67,6 +67,20 @@ class StepArgs:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT"})
     torch_threads: int = field(default=0, metadata={"help": "torch CPU threads per process (0 = torch default)"})
 
+    def __post_init__(self):
+        # Several DeepSpeed processes on a machine without GPUs: accelerate finds no backend for them and
+        # counts one process while DeepSpeed counts all; naming gloo makes both agree (tested, 2 CPU processes).
+        # Several plain (DDP) processes on such a machine: run them as CPU processes, which accelerate joins
+        # with gloo (MULTI_CPU); otherwise it finds no backend and each process would train alone.
+        if getattr(self, "ddp_backend", "set") is None and world_size() > 1 and not torch.cuda.is_available():
+            if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or getattr(self, "deepspeed", None):
+                self.ddp_backend = "gloo"
+            else:
+                self.use_cpu = True
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
 
 def work_dir_of(args) -> Path:
     return Path(args.work_dir or f"{str(args.output_dir).rstrip('/')}.work")
@@ -87,7 +101,7 @@ def setup_step(args) -> Path:
             _ = args.device  # TrainingArguments sets up the process group (DDP / DeepSpeed) here
         else:
             from accelerate import PartialState
-            PartialState()
+            PartialState(cpu=not torch.cuda.is_available())  # a process group for the barriers (gloo on CPU)
     work = work_dir_of(args)
     work.mkdir(parents=True, exist_ok=True)
     return work
@@ -169,7 +183,9 @@ def finalize(trainer, final_dir: str | os.PathLike, describe=None) -> None:
     wait_for_everyone()
     try:
         if is_main_process():
-            for name, data in (describe(partial) if describe else {}).items():
+            with plain_load():  # describe() loads the saved model whole to measure it
+                files = describe(partial) if describe else {}
+            for name, data in files.items():
                 write_json(partial / name, data)
             (partial / "training_args.bin").unlink(missing_ok=True)
             swap_in(partial, final)
@@ -184,6 +200,22 @@ def write_json(path: str | os.PathLike, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+@contextmanager
+def plain_load():
+    """Load models whole even under DeepSpeed ZeRO-3 (no ``zero.Init`` partitioning at load time).
+
+    Teachers, measurements and the models about to be trained are all loaded whole; ZeRO-3 shards
+    the trained one when the Trainer wraps it, and gathers it again when saving. (Partitioning at load
+    time only matters for models too big for one device, which is not what a draft is.)"""
+    from transformers.integrations import deepspeed as hf_ds
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 # --------------------------------------------------------------------------------------------

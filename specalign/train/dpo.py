@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from ..models.loading import load_model, load_tokenizer
-from .common import (drop_checkpoints, finalize, is_main_process, report, resume_from, setup_step, train_summary,
-                     wait_for_everyone)
+from .common import (drop_checkpoints, finalize, is_main_process, plain_load, report, resume_from, setup_step,
+                     train_summary, wait_for_everyone)
 from .data import load_preferences, split_rows
 from .dpo_config import DPOStepConfig
 from .metrics import pair_margins
@@ -41,7 +41,8 @@ def run(cfg: DPOStepConfig) -> dict:
     rows = load_preferences(cfg.preferences, cfg.columns, cfg.limit)
     train_rows, held_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
     tok = load_tokenizer(cfg.draft)
-    model = load_model(cfg.draft, cfg.dtype, adapter=False)
+    with plain_load():
+        model = load_model(cfg.draft, cfg.dtype, adapter=False)
     report(f"dpo: {len(train_rows)} training pairs, {len(held_rows)} held out; draft {cfg.draft}")
     probe = {"train": train_rows[:64], "held_out": held_rows}
     result: dict = {"draft": base_spec(cfg.draft), "preferences": cfg.preferences, "train_pairs": len(train_rows),

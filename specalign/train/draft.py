@@ -20,8 +20,8 @@ from transformers import Trainer, TrainerCallback
 from ..decode.sampling import SamplingParams
 from ..models.draft import acceptance_many, build_draft, check_same_vocab, layer_indices
 from ..models.loading import load_model, load_tokenizer
-from .common import (drop_checkpoints, encode_prompts, finalize, is_main_process, prompt_split, report, resume_from,
-                     setup_step, train_summary, wait_for_everyone, world_rank)
+from .common import (drop_checkpoints, encode_prompts, finalize, is_main_process, plain_load, prompt_split, report,
+                     resume_from, setup_step, train_summary, wait_for_everyone, world_rank)
 from .draft_config import DraftConfig
 from .samples import cached_samples
 
@@ -139,7 +139,8 @@ class TimeLimit(TrainerCallback):
 def _samples(cfg: DraftConfig, target, tok, prompt_ids, cache, topk: int, desc: str):
     """Target samples through the cache: each process fills its share of chunks, then all read all."""
     kw = dict(n=cfg.samples_per_prompt if topk else 1, batch_rows=cfg.sample_batch_rows,
-              max_new_tokens=cfg.max_new_tokens, params=SamplingParams(cfg.sample_temperature), seed=cfg.seed,
+              max_new_tokens=cfg.max_new_tokens, params=SamplingParams(cfg.sample_temperature),
+              seed=cfg.seed if cfg.sample_seed is None else cfg.sample_seed,
               topk=topk, desc=desc)
     rank, world = world_rank()
     if world > 1:
@@ -152,9 +153,10 @@ def run(cfg: DraftConfig) -> dict:
     cfg.validate()
     started = time.perf_counter()
     work = setup_step(cfg)
-    target = load_model(cfg.target, cfg.dtype)
-    tok = load_tokenizer(cfg.target)
-    draft = make_draft(cfg.draft, target, tok)
+    with plain_load():
+        target = load_model(cfg.target, cfg.dtype)
+        tok = load_tokenizer(cfg.target)
+        draft = make_draft(cfg.draft, target, tok)
     report(f"draft: {cfg.draft} -> {draft.config.num_hidden_layers} layers, "
            f"{sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M parameters")
 
@@ -209,7 +211,7 @@ def run(cfg: DraftConfig) -> dict:
 
     finalize(trainer, final_dir, describe)
     drop_checkpoints(cfg, work)
-    report(f"draft saved to {final_dir} (wall time {result['wall_s']:.0f}s)")
+    report(f"draft saved to {final_dir} (wall time {time.perf_counter() - started:.0f}s)")
     return result
 
 

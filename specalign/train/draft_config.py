@@ -33,6 +33,7 @@ class DraftConfig(StepArgs, TrainingArguments):
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per target sample"})
     sample_temperature: float = field(default=1.0, metadata={"help": "temperature of the target's samples"})
     sample_batch_rows: int = field(default=48, metadata={"help": "rows per sampling batch"})
+    sample_seed: int | None = field(default=None, metadata={"help": "seed of the target's samples (default: seed)"})
     topk: int = field(default=128, metadata={"help": "target log-probs kept per position (the rest is one bucket)"})
     loss: str = field(default="kl", metadata={"help": "kl (forward KL(p||q)) | tvd (total variation = 1 - acceptance)"})
     freeze_embeddings: bool = field(default=False, metadata={"help": "keep input embeddings / output head fixed"})

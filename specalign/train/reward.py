@@ -16,7 +16,8 @@ from pathlib import Path
 from ..errors import SpecError
 from ..models.loading import _ensure_local_copy, load_tokenizer, resolve, torch_dtype
 from ..models.scorers import Candidate, RewardModelScorer
-from .common import drop_checkpoints, finalize, is_main_process, report, resume_from, setup_step, train_summary
+from .common import (drop_checkpoints, finalize, is_main_process, plain_load, report, resume_from, setup_step,
+                     train_summary)
 from .data import load_preferences, prompt_text, response_text, split_rows
 from .reward_config import RewardStepConfig
 
@@ -52,8 +53,9 @@ def run(cfg: RewardStepConfig) -> dict:
     resolved = resolve(cfg.base)
     if resolved.adapter:
         raise SpecError(f"reward base {cfg.base} is a PEFT adapter: use a full model directory (e.g. the draft)")
-    model = AutoModelForSequenceClassification.from_pretrained(_ensure_local_copy(resolved), num_labels=1,
-                                                               dtype=torch_dtype(cfg.dtype))
+    with plain_load():
+        model = AutoModelForSequenceClassification.from_pretrained(_ensure_local_copy(resolved), num_labels=1,
+                                                                   dtype=torch_dtype(cfg.dtype))
     model.config.pad_token_id = tok.pad_token_id
     report(f"reward: {len(train_rows)} training pairs, {len(held)} held out; base {cfg.base}")
     result: dict = {"base": cfg.base, "preferences": cfg.preferences, "train_pairs": len(train_rows),

@@ -28,7 +28,7 @@ from ..errors import SpecError
 from ..models.loading import chat_prompt, load_tokenizer
 from ..models.scorers import Candidate, build_scorer
 from ..models.value_head import ValueHeadModel, prefix_values, value_sequences
-from .common import drop_checkpoints, finalize, report, resume_from, setup_step, train_summary
+from .common import drop_checkpoints, finalize, plain_load, report, resume_from, setup_step, train_summary
 from .value_config import ValueConfig
 
 
@@ -189,7 +189,8 @@ def run(cfg: ValueConfig) -> dict:
     scores = [r["score"] for r in train_rows]
     mean, std = statistics.fmean(scores), (statistics.pstdev(scores) or 1.0)
     tok = load_tokenizer(cfg.backbone)
-    model = ValueHeadModel.from_causal_lm(cfg.backbone, cfg.dtype, target_mean=mean, target_std=std)
+    with plain_load():
+        model = ValueHeadModel.from_causal_lm(cfg.backbone, cfg.dtype, target_mean=mean, target_std=std)
     if cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
     model.train()
