@@ -31,6 +31,9 @@ class EngineBenchConfig:
     prompts: str = field(default="../shared/data/alpaca_farm_100.json", metadata={"help": "prompt file"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
     seed: int = field(default=0, metadata={"help": "seed"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0 = torch's default)"})
+    clock: str = field(default="wall", metadata={"help": "wall | cpu (process CPU time: robust on a shared "
+                                                         "machine, use with --threads 1)"})
     output_dir: str = field(default="benchmarks/results/engine", metadata={"help": "where results go"})
 
 
@@ -45,18 +48,26 @@ def _prompts(config, tokenizer, count):
     return [chat_prompt(tokenizer, t) for t in texts]
 
 
+def _clock(config):
+    if config.clock not in ("wall", "cpu"):
+        from ..errors import SpecError
+        raise SpecError(f"clock must be wall or cpu, got {config.clock!r}")
+    return time.perf_counter if config.clock == "wall" else time.process_time
+
+
 def _run_engine(model, tokenizer, rows, fan_out, config, eos_ids):
     from ..decode import SamplingGenerator, SamplingParams
     gen = SamplingGenerator(model, tokenizer, SamplingParams(config.temperature), config.max_new_tokens,
                             eos_ids=eos_ids)
     rng = torch.Generator().manual_seed(config.seed)
-    start = time.perf_counter()
+    clock = _clock(config)
+    start = clock()
     if fan_out:
         gen.start(rows[0], len(rows), rng)
     else:
         gen.start_batch(rows, rng)
     gen.advance()
-    wall = time.perf_counter() - start
+    wall = clock() - start
     return sum(len(r.tokens) for r in gen.rows), wall
 
 
@@ -72,11 +83,12 @@ def _run_generate(model, tokenizer, rows, config, eos_ids):
     torch.manual_seed(config.seed)
     kwargs = {"eos_token_id": sorted(eos_ids)} if eos_ids else {"eos_token_id": None,
                                                                  "min_new_tokens": config.max_new_tokens}
-    start = time.perf_counter()
+    clock = _clock(config)
+    start = clock()
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=config.temperature > 0,
                          temperature=config.temperature or None, top_k=None, top_p=None,
                          max_new_tokens=config.max_new_tokens, pad_token_id=pad, **kwargs)
-    wall = time.perf_counter() - start
+    wall = clock() - start
     tokens = 0
     for row in out[:, width:].tolist():
         n = len(row)
@@ -92,6 +104,8 @@ def run(config: EngineBenchConfig) -> dict:
     from tqdm.auto import tqdm
     from ..decode.generators import eos_ids_of
     from ..models.loading import load_model, load_tokenizer
+    if config.threads:
+        torch.set_num_threads(config.threads)
     model = load_model(config.model, config.dtype)
     tokenizer = load_tokenizer(config.model)
     eos_ids = eos_ids_of(model, tokenizer) if config.eos else set()
@@ -110,17 +124,19 @@ def run(config: EngineBenchConfig) -> dict:
                     tokens, wall = _run_generate(model, tokenizer, rows, config, eos_ids)
                 rate = tokens / wall
                 if best[impl] is None or rate > best[impl]["tok_s"]:
-                    best[impl] = {"tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(rate, 2)}
+                    best[impl] = {"tokens": tokens, "seconds": round(wall, 3), "tok_s": round(rate, 2)}
         results.append({"workload": workload, "batch": batch, "engine": best["engine"],
                         "generate": best["generate"],
                         "speedup": round(best["engine"]["tok_s"] / best["generate"]["tok_s"], 2)})
-    return {"config": asdict(config), "torch_threads": torch.get_num_threads(), "results": results}
+    return {"config": asdict(config), "torch_threads": torch.get_num_threads(), "results": results,
+            "command": "specalign bench engine " + " ".join(getattr(config, "_argv", []))}
 
 
 def table(report: dict) -> str:
     cfg = report["config"]
     lines = [f"Model `{cfg['model']}` ({cfg['dtype']}), {cfg['max_new_tokens']} new tokens, temperature "
-             f"{cfg['temperature']}, EOS {'on' if cfg['eos'] else 'off'}, {report['torch_threads']} threads.",
+             f"{cfg['temperature']}, EOS {'on' if cfg['eos'] else 'off'}, {report['torch_threads']} threads, "
+             f"{cfg['clock']} clock, best of {cfg['repeats']}.",
              "", "| workload | batch | engine tok/s | generate tok/s | speedup |", "|---|---:|---:|---:|---:|"]
     for r in report["results"]:
         lines.append(f"| {r['workload']} | {r['batch']} | {r['engine']['tok_s']:.1f} | {r['generate']['tok_s']:.1f} "
@@ -131,6 +147,7 @@ def table(report: dict) -> str:
 def main(args: list[str]) -> int:
     from ..cli import parse_config
     (config,) = parse_config([EngineBenchConfig], args, "specalign bench engine")
+    config._argv = list(args)
     report = run(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
