@@ -390,13 +390,25 @@ def table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _marker(method: str) -> str:
+    """Squares: Speculative Rejection on target samples; plus: adaptive; diamonds: value-guided; circles: SSS; triangles:
+    Best-of-N over SSS (colours repeat after ten points, the marker tells the family)."""
+    if method == "best-of-n+sss":
+        return "^"
+    if "value" in method:
+        return "D"
+    if "adaptive" in method:
+        return "P"
+    return "o" if "sss" in method else "s"
+
+
 def plot(report: dict, out: Path) -> None:
     agg = report["results"]
     panels = []
     for key, xlabel in (("target_positions", "target positions per prompt (log)"), ("wall_s", "wall s per prompt")):
         bon = agg["best_of_n_curve"]
-        points = [{"x": m[key], "y": m["mean_gold"], "label": label(m), "marker": "o" if "sss" in m["method"] else "s"}
-                  for m in agg["methods"] if m["method"] not in ("best-of-n",) and m[key] > 0]
+        points = [{"x": m[key], "y": m["mean_gold"], "label": label(m), "marker": _marker(m["method"])}
+                  for m in agg["methods"] if m["method"] not in ("best-of-n", "sample") and m[key] > 0]
         panels.append({"title": xlabel, "points": points,
                        "reference": {"x": [p[key] for p in bon], "y": [p["mean_gold"] for p in bon],
                                      "labels": [p["n"] for p in bon], "name": "Best-of-N"} if bon else None})
