@@ -124,10 +124,11 @@ class Generator:
                          dict(row.stats), row.reason)
 
     def response_ids(self, i: int) -> list[int]:
+        """A copy of row i's tokens (without its EOS): a scored partial candidate must not grow later."""
         toks = self.rows[i].tokens
         if toks and toks[-1] in self.eos_ids and self.rows[i].reason == "eos":
-            toks = toks[:-1]
-        return toks
+            return toks[:-1]
+        return list(toks)
 
     def response_text(self, i: int) -> str:
         text = self.tokenizer.decode(self.response_ids(i), skip_special_tokens=True)
