@@ -27,6 +27,11 @@ def test_expected_best_and_worst_match_brute_force(values):
         subsets = list(itertools.combinations(values, k))
         assert expected_best_of(values, k) == pytest.approx(sum(max(s) for s in subsets) / len(subsets), abs=1e-12)
         assert expected_worst_of(values, k) == pytest.approx(sum(min(s) for s in subsets) / len(subsets), abs=1e-12)
+    lengths = [10 * (i + 1) for i in range(len(values))]
+    for k in range(1, len(values) + 1):  # the attached value of each subset's best (ties: the later one)
+        subsets = list(itertools.combinations(range(len(values)), k))
+        brute = sum(lengths[max(s, key=lambda i: (values[i], i))] for s in subsets) / len(subsets)
+        assert expected_best_of(values, k, lengths) == pytest.approx(brute, abs=1e-12)
     assert expected_best_of(values, 1) == pytest.approx(sum(values) / len(values))
     assert expected_best_of(values, len(values)) == max(values)
     with pytest.raises(ValueError):

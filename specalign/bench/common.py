@@ -27,14 +27,17 @@ from ..decode.generators import Generator, Row, SamplingGenerator
 
 
 # -- Best-of-N from one batch of samples ---------------------------------------------------------------
-def expected_best_of(values, k: int) -> float:
-    """E[max of k of ``values`` drawn without replacement]: sum_i x_(i) C(i-1, k-1) / C(M, k), x sorted up."""
-    xs = sorted(float(v) for v in values)
-    m = len(xs)
+def expected_best_of(values, k: int, attached=None) -> float:
+    """E[max of k of ``values`` drawn without replacement]: sum_i x_(i) C(i-1, k-1) / C(M, k), x sorted up.
+    With ``attached`` (one number per value): E[the attached number of that maximum] (e.g. its length;
+    equal values rank by position, the later one counting as larger)."""
+    m = len(values)
     if not 1 <= k <= m:
         raise ValueError(f"k must be in [1, {m}], got {k}")
+    order = sorted(range(m), key=lambda i: (float(values[i]), i))
+    pick = [float(values[i]) if attached is None else float(attached[i]) for i in order]
     total = math.comb(m, k)
-    return sum(x * math.comb(i, k - 1) for i, x in enumerate(xs) if i >= k - 1) / total
+    return sum(x * math.comb(i, k - 1) for i, x in enumerate(pick) if i >= k - 1) / total
 
 
 def expected_worst_of(values, k: int) -> float:

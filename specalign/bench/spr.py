@@ -148,6 +148,7 @@ def run_measured(config, record: dict, tokenizer, scorers: dict, sampler) -> boo
         entry = {"positions": _positions(sampler), "gen_wall_s": time.perf_counter() - start, "scores": {},
                  "score_wall_s": {}, "measured_at": time.time()}
         candidates = [sampler.candidate(i, record["prompt"]) for i in range(n)]
+        entry["lengths"] = [len(c.response_ids) for c in candidates]
         for task, scorer in scorers.items():
             start = time.perf_counter()
             entry["scores"][task] = scorer(candidates)
@@ -214,7 +215,9 @@ def aggregate(config, records: list[dict], params: int) -> dict:
                             "mean_score": mean(best), "improvement_score": imp,
                             "compute": {"target_positions": positions, "flops": 2.0 * params * positions},
                             "wall_s": mean([n / m * w for w in bon_wall]),
-                            "wall_measured": n == m, "mean_tokens": mean([mean(r["bon"]["lengths"]) for r in records])})
+                            "wall_measured": n == m,
+                            "mean_tokens": mean([expected_best_of(r["bon"]["scores"][task], n, r["bon"]["lengths"])
+                                                 for r in records])})
         curve = list(methods)  # the Best-of-N curve from the M samples
         ref_c = [x["compute"]["target_positions"] for x in curve]
         ref_w = [x["wall_s"] for x in curve]
@@ -230,7 +233,8 @@ def aggregate(config, records: list[dict], params: int) -> dict:
                             "mean_score": mean(best), "improvement_score": imp,
                             "compute": {"target_positions": positions, "flops": 2.0 * params * positions},
                             "wall_s": wall, "wall_measured": True,
-                            "mean_tokens": mean([mean(r["bon"]["lengths"]) for r in records]),
+                            "mean_tokens": mean([x["lengths"][max(range(n), key=lambda i: x["scores"][task][i])]
+                                                 for x in runs]) if all("lengths" in x for x in runs) else None,
                             "speedup": speedup(imp, positions, ref_c, ref_s),
                             "speedup_wall": speedup(imp, wall, ref_w, ref_s)})
         for kind, entries in (("spr", config.spr), ("simulated", config.simulate)):
