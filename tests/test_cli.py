@@ -130,6 +130,19 @@ def test_prompt_file_errors(tiny_dir, tmp_path, capsys):
         assert not out.exists()
 
 
+def test_draft_vocabulary_mismatch_via_cli(tiny_dir, tmp_path, capsys):
+    from specalign.models.testing import tiny_llama
+    small = tmp_path / "small-vocab-draft"
+    tiny_llama(vocab_size=16).save_pretrained(small)
+    capsys.readouterr()  # the save's progress bar is not part of the command's output
+    out = tmp_path / "o.jsonl"
+    code, _, err = _decode(["--model", tiny_dir, "--method", "speculative", "--draft", str(small), "--prompt", "hi",
+                            "--max_new_tokens", "4", "--out", str(out)], capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and "output tokens" in lines[0] and "vocabulary" in lines[0], err
+    assert not out.exists()
+
+
 def test_long_prompt_truncated_with_warning(tiny_dir, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
     with pytest.warns(UserWarning, match="prompt truncated"):
