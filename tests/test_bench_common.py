@@ -189,6 +189,8 @@ def test_bench_spr_and_correlation_end_to_end(tiny_dir, tmp_path):
     assert all(r["direct"]["4"]["positions"] < r["prompt_len"] + r["bon"]["decode_positions"] for r in records)
     measured = next(m for m in methods if m["method"] == "spec-rejection" and not m["simulated"])
     assert measured["wall_s"] > 0 and measured["compute"]["target_positions"] < full
+    assert measured["cpu_s"] > 0 and bon[8]["cpu_s"] > 0 and direct["cpu_s"] > 0
+    assert measured["vs_best_of_max"]["cpu_ratio"] == pytest.approx(bon[8]["cpu_s"] / measured["cpu_s"])
     # resuming reads the records instead of recomputing them, and adds the entries they lack
     more = [a if a != "4:0.5:tokens:2" else "4:0.5:tokens:2 8:0.75:tokens:3".split()[0] for a in args]
     more.insert(more.index("--simulate") + 1, "8:0.75:tokens:3")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..decode.cost import ModelCost
-from ..decode.generators import Generator, Row, SamplingGenerator
+from ..decode.generators import Generator, SamplingGenerator
 
 
 # -- Best-of-N from one batch of samples ---------------------------------------------------------------

@@ -111,21 +111,22 @@ def run_best_of_n(config, index: int, prompt: str, tokenizer, scorers: dict, sam
     ids = chat_prompt(tokenizer, prompt)
     m = config.bon_n
     sampler.reset_cost()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     sampler.start(ids, m, torch.Generator().manual_seed(prompt_seed(config.seed, index)))
     sampler.advance()
-    gen_wall = time.perf_counter() - start
+    gen_wall, gen_cpu = time.perf_counter() - start, time.process_time() - cpu
     rows = recorded_rows(sampler)
     candidates = [sampler.candidate(i, prompt) for i in range(m)]
     record = {"index": index, "prompt": prompt, "prompt_len": len(ids),
               "bon": {"decode_positions": _positions(sampler) - len(ids), "gen_wall_s": gen_wall,
-                      "lengths": [len(c.response_ids) for c in candidates],
-                      "reasons": [r.reason for r in rows], "scores": {}, "score_wall_s": {}},
+                      "gen_cpu_s": gen_cpu, "lengths": [len(c.response_ids) for c in candidates],
+                      "reasons": [r.reason for r in rows], "scores": {}, "score_wall_s": {}, "score_cpu_s": {}},
               "spr": {}, "simulated": {}}
     for task, scorer in scorers.items():
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         record["bon"]["scores"][task] = scorer(candidates)
         record["bon"]["score_wall_s"][task] = time.perf_counter() - start
+        record["bon"]["score_cpu_s"][task] = time.process_time() - cpu
     samples = {"index": index, "prompt": prompt, "prompt_ids": ids, "rows": [r.as_dict() for r in rows]}
     return record, samples
 
@@ -142,17 +143,19 @@ def run_measured(config, record: dict, tokenizer, scorers: dict, sampler) -> boo
         if str(n) in direct:
             continue
         sampler.reset_cost()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         sampler.start(ids, n, torch.Generator().manual_seed(prompt_seed(config.seed, record["index"])))
         sampler.advance()
-        entry = {"positions": _positions(sampler), "gen_wall_s": time.perf_counter() - start, "scores": {},
-                 "score_wall_s": {}, "measured_at": time.time()}
+        entry = {"positions": _positions(sampler), "gen_wall_s": time.perf_counter() - start,
+                 "gen_cpu_s": time.process_time() - cpu, "scores": {}, "score_wall_s": {}, "score_cpu_s": {},
+                 "measured_at": time.time()}
         candidates = [sampler.candidate(i, record["prompt"]) for i in range(n)]
         entry["lengths"] = [len(c.response_ids) for c in candidates]
         for task, scorer in scorers.items():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             entry["scores"][task] = scorer(candidates)
             entry["score_wall_s"][task] = time.perf_counter() - start
+            entry["score_cpu_s"][task] = time.process_time() - cpu
         direct[str(n)] = entry
         ran = True
     for task, scorer in scorers.items():
@@ -163,10 +166,11 @@ def run_measured(config, record: dict, tokenizer, scorers: dict, sampler) -> boo
             spr = spr_from_entry(entry, config.max_batch_tokens)
             sampler.reset_cost()
             scorer.cost = ScorerCost()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             result = spr.run(sampler, scorer, record["prompt"], ids,
                              torch.Generator().manual_seed(prompt_seed(config.seed, record["index"])))
             record["spr"][key] = _spr_record(result, sampler, time.perf_counter() - start)
+            record["spr"][key]["cpu_s"] = time.process_time() - cpu
             record["spr"][key]["measured_at"] = time.time()
             ran = True
     return ran
@@ -206,6 +210,8 @@ def aggregate(config, records: list[dict], params: int) -> dict:
         ref_best = [expected_best_of(s, config.reference_n) for s in scores]
         ref_worst = [expected_worst_of(s, config.reference_n) for s in scores]
         bon_wall = [r["bon"]["gen_wall_s"] + r["bon"]["score_wall_s"][task] for r in records]
+        has_cpu = all("gen_cpu_s" in r["bon"] for r in records)
+        bon_cpu = [r["bon"]["gen_cpu_s"] + r["bon"]["score_cpu_s"][task] for r in records] if has_cpu else None
         methods = []
         for n in powers_of_two(m):
             best = [expected_best_of(s, n) for s in scores]
@@ -215,6 +221,7 @@ def aggregate(config, records: list[dict], params: int) -> dict:
                             "mean_score": mean(best), "improvement_score": imp,
                             "compute": {"target_positions": positions, "flops": 2.0 * params * positions},
                             "wall_s": mean([n / m * w for w in bon_wall]),
+                            "cpu_s": mean([n / m * c for c in bon_cpu]) if has_cpu else None,
                             "wall_measured": n == m,
                             "mean_tokens": mean([expected_best_of(r["bon"]["scores"][task], n, r["bon"]["lengths"])
                                                  for r in records])})
@@ -228,11 +235,13 @@ def aggregate(config, records: list[dict], params: int) -> dict:
             best = [max(x["scores"][task]) for x in runs]
             positions = mean([x["positions"] for x in runs])
             wall = mean([x["gen_wall_s"] + x["score_wall_s"][task] for x in runs])
+            cpu = mean([x["gen_cpu_s"] + x["score_cpu_s"][task] for x in runs]) if all(
+                "gen_cpu_s" in x for x in runs) else None
             imp, used = improvement_score(best, ref_best, ref_worst)
             methods.append({"method": "best-of-n", "params": {"n": n, "direct": True}, "simulated": False,
                             "mean_score": mean(best), "improvement_score": imp,
                             "compute": {"target_positions": positions, "flops": 2.0 * params * positions},
-                            "wall_s": wall, "wall_measured": True,
+                            "wall_s": wall, "wall_measured": True, "cpu_s": cpu,
                             "mean_tokens": mean([x["lengths"][max(range(n), key=lambda i: x["scores"][task][i])]
                                                  for x in runs]) if all("lengths" in x for x in runs) else None,
                             "speedup": speedup(imp, positions, ref_c, ref_s),
@@ -258,6 +267,9 @@ def aggregate(config, records: list[dict], params: int) -> dict:
                     point["wall_s"] = wall
                     point["speedup_wall"] = speedup(imp, wall, ref_w, ref_s)
                     point["vs_best_of_max"]["wall_ratio"] = top["wall_s"] / wall
+                    if top.get("cpu_s") is not None and all("cpu_s" in x for x in runs):
+                        point["cpu_s"] = mean([x["cpu_s"] for x in runs])
+                        point["vs_best_of_max"]["cpu_ratio"] = top["cpu_s"] / point["cpu_s"]
                 methods.append(point)
         tasks[task] = {"reference_n": config.reference_n, "prompts_used": used, "methods": methods}
     return tasks
@@ -270,12 +282,12 @@ def table(report: dict) -> str:
            f"top-p {cfg['top_p']}, top-k {cfg['top_k']}. Best-of-N from {cfg['bon_n']} samples per prompt "
            f"(expected best of N; compute = prefill + N/{cfg['bon_n']} of the decode positions; wall = "
            f"N/{cfg['bon_n']} of the batch-{cfg['bon_n']} wall, measured at N = {cfg['bon_n']}). Improvement "
-           f"score reference: Best-of-{cfg['reference_n']}. Compute and wall are per prompt. Replayed = "
+           f"score reference: Best-of-{cfg['reference_n']}. Compute, wall and CPU time (this process) are per prompt. Replayed = "
            "Speculative Rejection run on the recorded Best-of-N samples (no wall time).", ""]
     cols = [("method", "method"), ("params", "params"), ("mean_score", "mean score"),
             ("improvement_score", "improvement"), ("positions", "target positions"), ("tflops", "TFLOPs"),
-            ("wall_s", "wall s"), ("tokens", "answer tokens"), ("speedup", "speedup (compute)"),
-            ("speedup_wall", "speedup (wall)"), ("vs_max", f"vs Best-of-{cfg['bon_n']}: compute / wall")]
+            ("wall_s", "wall s"), ("cpu_s", "CPU s"), ("tokens", "answer tokens"), ("speedup", "speedup (compute)"),
+            ("speedup_wall", "speedup (wall)"), ("vs_max", f"vs Best-of-{cfg['bon_n']}: compute / wall / CPU")]
     for task, data in report["tasks"].items():
         rows = []
         for x in data["methods"]:
@@ -289,12 +301,13 @@ def table(report: dict) -> str:
             rows.append({"method": name, "params": params, "mean_score": x["mean_score"],
                          "improvement_score": x["improvement_score"],
                          "positions": round(x["compute"]["target_positions"]),
-                         "tflops": x["compute"]["flops"] / 1e12, "wall_s": x.get("wall_s"),
+                         "tflops": x["compute"]["flops"] / 1e12, "wall_s": x.get("wall_s"), "cpu_s": x.get("cpu_s"),
                          "tokens": x["mean_tokens"], "speedup": format_speedup(x.get("speedup")),
                          "speedup_wall": format_speedup(x.get("speedup_wall")),
                          "vs_max": "-" if not vs else (f"{'reaches' if vs['reaches'] else 'below'}; "
                                                        f"{vs['compute_ratio']:.2f}x" +
-                                                       (f" / {vs['wall_ratio']:.2f}x" if "wall_ratio" in vs else ""))})
+                                                       (f" / {vs['wall_ratio']:.2f}x" if "wall_ratio" in vs else "") +
+                                                       (f" / {vs['cpu_ratio']:.2f}x" if "cpu_ratio" in vs else ""))})
         out += [f"### Task `{task}` ({data['prompts_used']} prompts with a non-zero reference spread)", "",
                 markdown_table(rows, cols)]
     return "\n".join(out)
