@@ -94,6 +94,7 @@ def test_best_of_n_picks_argmax_and_chunks(tiny_dir):
     (["--scorer", "python:tests_nan_scorer:too_few"], "returned 1 scores for 2"),
     (["--prompt", "hello " * 200], "exceeds the model's context of 512.*--truncate"),
     (["--num_processes", "0"], "num-processes must be >= 1"),
+    (["--method", "spec-rejection", "--decision", "tokens:x"], "decision must be tokens:K"),
 ])
 def test_bad_input_is_one_line_exit_2(args, pattern, tiny_dir, tmp_path, capsys, monkeypatch):
     import types

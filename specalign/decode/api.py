@@ -90,6 +90,9 @@ class DecodeConfig:
                 raise SpecError(f"alpha must be a number in [0, 1) or 'auto', got {self.alpha!r}") from None
             if not 0 <= alpha < 1:
                 raise SpecError(f"alpha must be in [0, 1), got {alpha}")
+        if self.method == "spec-rejection":
+            from .spec_rejection import parse_decision
+            parse_decision(self.decision)
         if self.generator_kind in ("speculative", "sss") and not self.draft:
             raise SpecError(f"the {self.generator_kind} generator needs --draft MODEL")
         if self.out and not os.path.isdir(os.path.dirname(os.path.abspath(self.out))):
