@@ -15,6 +15,7 @@ speculative generators live in ``speculative.py`` and ``sss.py``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +49,7 @@ def eos_ids_of(model, tokenizer) -> set[int]:
     return ids
 
 
-class Generator:
+class Generator(ABC):
     """Shared bookkeeping: rows, the active set (in cache order), finishing rules, compaction."""
 
     name = "base"
@@ -69,23 +70,26 @@ class Generator:
 
     # -- what subclasses provide -------------------------------------------------------------
     @property
+    @abstractmethod
     def states(self) -> list[LMState]:
-        raise NotImplementedError
+        """Every model state whose rows follow ``active`` (compacted together)."""
 
+    @abstractmethod
     def _prefill(self, prompt_ids: list[int], n: int) -> None:
-        raise NotImplementedError
+        """Prefill the prompt once and fan it out to n rows."""
 
+    @abstractmethod
     def _step(self) -> None:
         """Emit at least one token for every active row (via ``_emit``)."""
-        raise NotImplementedError
 
     def _select_pending(self, keep: torch.Tensor) -> None:
         """Keep rows ``keep`` of any per-row tensors a subclass holds beside its caches."""
 
     # -- shared surface ----------------------------------------------------------------------
     @property
+    @abstractmethod
     def cost(self) -> dict[str, ModelCost]:
-        raise NotImplementedError
+        """A ``ModelCost`` per model, by role (target, draft, ...)."""
 
     def start(self, prompt_ids: list[int], n: int, rng: torch.Generator | None = None) -> None:
         if n < 1:

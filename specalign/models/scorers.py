@@ -20,6 +20,7 @@ scorer (never a silent winner). ``cost`` counts the positions it processed and i
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 import math
 import time
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class ScorerCost:
         return {"positions": self.positions, "calls": self.calls, "wall_s": round(self.wall_s, 4)}
 
 
-class Scorer:
+class Scorer(ABC):
     """Base class: subclasses implement ``_score(candidates) -> list[float]``."""
 
     name = "scorer"
@@ -60,8 +61,9 @@ class Scorer:
         self.max_batch_tokens = max_batch_tokens
         self.cost = ScorerCost()
 
+    @abstractmethod
     def _score(self, candidates: list[Candidate]) -> list[float]:
-        raise NotImplementedError
+        """One float per candidate, in order."""
 
     def __call__(self, candidates: list[Candidate]) -> list[float]:
         if not candidates:
