@@ -3,7 +3,7 @@ output directories, process-group awareness under ``accelerate launch``, and thr
 
 Layout of a step's files, for ``output_dir: OUT``:
 
-- ``OUT``          the final result, written to ``OUT.tmp-XXXX`` and renamed when complete (never half-written);
+- ``OUT``          the final result, written to ``OUT.tmp-<random>`` and renamed when complete (never half-written);
 - ``OUT.work/``    checkpoints (``checkpoint-STEP``, for ``--resume``), sample caches, logs.
 """
 
