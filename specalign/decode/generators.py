@@ -95,12 +95,19 @@ class Generator(ABC):
         if n < 1:
             from ..errors import SpecError
             raise SpecError(f"n must be >= 1, got {n}")
-        self.rng = rng
-        self.prompt_ids = list(prompt_ids)
-        self.row_prompts = [self.prompt_ids] * n
-        self.rows = [Row() for _ in range(n)]
-        self.active = list(range(n))
+        self._begin([list(prompt_ids)] * n, rng)
         self._prefill(self.prompt_ids, n)
+
+    def _begin(self, row_prompts: list[list[int]], rng: torch.Generator | None) -> None:
+        """Fresh rows, one per entry of ``row_prompts`` (the prompt ids each row continues)."""
+        if not row_prompts:
+            from ..errors import SpecError
+            raise SpecError("start needs at least one prompt")
+        self.rng = rng
+        self.prompt_ids = list(row_prompts[0])
+        self.row_prompts = [list(p) for p in row_prompts]
+        self.rows = [Row() for _ in row_prompts]
+        self.active = list(range(len(row_prompts)))
 
     def advance(self, tokens: int | None = None) -> None:
         """Generate until every active row has ``tokens`` more tokens (None: until all finish)."""
@@ -203,11 +210,7 @@ class SamplingGenerator(Generator):
 
     def start_batch(self, prompts: list[list[int]], rng: torch.Generator | None = None) -> None:
         """Start one row per prompt: a ragged, left-padded batch of different prompts (one prefill)."""
-        self.rng = rng
-        self.prompt_ids = list(prompts[0])
-        self.row_prompts = [list(p) for p in prompts]
-        self.rows = [Row() for _ in prompts]
-        self.active = list(range(len(prompts)))
+        self._begin(prompts, rng)
         self.next_logits = self.target.prefill(self.row_prompts)
 
     def _select_pending(self, keep):

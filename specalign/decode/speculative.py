@@ -206,14 +206,7 @@ class SpeculativeGenerator(Generator):
 
     def start_batch(self, prompts: list[list[int]], rng: torch.Generator | None = None) -> None:
         """One row per prompt: a ragged, left-padded batch of different prompts (one prefill per model)."""
-        from .generators import Row
-        if not prompts:
-            raise SpecError("start_batch needs at least one prompt")
-        self.rng = rng
-        self.prompt_ids = list(prompts[0])
-        self.row_prompts = [list(p) for p in prompts]
-        self.rows = [Row() for _ in prompts]
-        self.active = list(range(len(prompts)))
+        self._begin(prompts, rng)
         self._prefill_rows(self.row_prompts, 1)
 
     def _prefill_rows(self, rows: list[list[int]], n: int) -> None:
