@@ -45,6 +45,13 @@ def test_unknown_keys_are_errors(tmp_path):
         parse_config([RewardStepConfig], ["--config", str(tmp_path / "none.yaml")], "specalign train reward")
     with pytest.raises(SpecError, match="unknown distillation loss"):
         DraftConfig(output_dir="/tmp/x", loss="l2").validate()
+    with pytest.raises(SpecError, match="unknown teacher 'logits'"):
+        DraftConfig(output_dir="/tmp/x", teacher="logits").validate()
+    with pytest.raises(SpecError, match="tvd_fraction must be in"):
+        DraftConfig(output_dir="/tmp/x", tvd_fraction=1.5).validate()
+    with pytest.raises(SpecError, match="topk must be >= 1 with teacher: samples"):
+        DraftConfig(output_dir="/tmp/x", teacher="samples", topk=0).validate()
+    DraftConfig(output_dir="/tmp/x", teacher="forward", topk=0).validate()  # topk unused there
 
 
 def recipe_step(path: Path) -> str:

@@ -10,7 +10,7 @@ from specalign.errors import SpecError
 from specalign.models.draft import acceptance, build_draft, layer_indices
 from specalign.models.testing import tiny_llama
 from specalign.train.common import atomic_dir
-from specalign.train.draft import coarse_distributions, collate, distill_loss
+from specalign.train.draft import DistillTrainer, TimeLimit, coarse_distributions, collate, distill_loss, full_distill_loss
 from specalign.train.testing import prompt_file, save_tiny_model, template_prompts
 
 
@@ -86,6 +86,34 @@ def test_coarse_loss_is_exact_kl_and_tv_when_topk_covers_the_vocab():
     assert torch.allclose(lq.exp().sum(-1), torch.ones(2, 5), atol=1e-5)
     rest_q = 1 - q.gather(-1, ids3).sum(-1)
     assert torch.allclose(lq[..., -1].exp(), rest_q, atol=1e-5)
+    # the full-vocabulary loss is the exact divergence, on masked positions only
+    mask[1, 3:] = False
+    want_kl = (p * (logp - torch.log_softmax(q_logits, -1))).sum(-1)[mask].mean()
+    want_tv = (1 - torch.minimum(p, q).sum(-1))[mask].mean()
+    assert torch.allclose(full_distill_loss(q_logits, p_logits, mask, "kl"), want_kl, atol=1e-5)
+    assert torch.allclose(full_distill_loss(q_logits, p_logits, mask, "tvd"), want_tv, atol=1e-5)
+    assert full_distill_loss(p_logits, p_logits, mask, "kl").abs() < 1e-5
+
+
+def test_kl_turns_into_tv_for_the_last_share_of_the_run():
+    from transformers import TrainerState
+    trainer = DistillTrainer.__new__(DistillTrainer)  # only the schedule is under test
+    trainer.loss_kind, trainer.tvd_fraction, trainer.time_limit = "kl", 0.25, None
+    trainer.state = TrainerState(max_steps=100)
+    kinds = []
+    for step in (0, 74, 75, 99):
+        trainer.state.global_step = step
+        kinds.append(trainer.current_loss_kind())
+    assert kinds == ["kl", "kl", "tvd", "tvd"]
+    # the time limit counts too: 80% of the minutes used -> tv although steps are at 10%
+    clock = TimeLimit(10.0)
+    clock.start = __import__("time").perf_counter() - 480
+    trainer.time_limit, trainer.state.global_step = clock, 10
+    assert trainer.current_loss_kind() == "tvd"
+    trainer.tvd_fraction = 0.0
+    assert trainer.current_loss_kind() == "kl"
+    trainer.loss_kind = "tvd"
+    assert trainer.current_loss_kind() == "tvd"
 
 
 def test_collate_aligns_every_response_token_with_its_prediction():
@@ -104,10 +132,12 @@ def test_collate_aligns_every_response_token_with_its_prediction():
     assert b["position_ids"][1, last_r].item() == 0 and b["position_ids"][0, last_r].item() == 2
 
 
-def test_draft_step_raises_held_out_acceptance(tiny, tmp_path):
+@pytest.mark.parametrize("teacher", ["forward", "samples"])
+def test_draft_step_raises_held_out_acceptance(tiny, tmp_path, teacher):
     from specalign.models.loading import load_model
     from specalign.train.draft import run
-    result = run(config(tiny, tmp_path / "draft"))
+    result = run(config(tiny, tmp_path / "draft", teacher=teacher))
+    assert result["teacher"] == teacher
     out = tmp_path / "draft"
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     saved = json.loads((out / "draft_report.json").read_text())
@@ -119,6 +149,16 @@ def test_draft_step_raises_held_out_acceptance(tiny, tmp_path):
     assert draft.config.num_hidden_layers == 1
     assert not list(tmp_path.glob(".draft.*")), "no partial directory left behind"
     assert not list((tmp_path / "draft.work").glob("checkpoint-*")), "checkpoints dropped after success"
+
+
+def test_autocast_samples_are_cached_apart_and_train(tiny, tmp_path):
+    from specalign.train.draft import run
+    result = run(config(tiny, tmp_path / "ac", sample_autocast=True, max_steps=3, eval_before=False,
+                        samples_per_prompt=2, eval_limit=4))
+    meta = json.loads((tmp_path / "ac.work" / "samples" / "meta.json").read_text())
+    assert meta["autocast"] == "bfloat16" and meta["n"] == 2 and meta["topk"] == 0
+    assert "autocast" not in json.loads((tmp_path / "ac.work" / "samples-eval" / "meta.json").read_text())
+    assert result["train_samples"] == 2 * 64 and result["train_steps"] == 3
 
 
 def test_existing_small_model_as_draft_and_vocab_check(tiny, tmp_path):

@@ -13,6 +13,7 @@ BENCHES = {
     "correlation": "specalign.bench.correlation",
     "speculative": "specalign.bench.speculative",
     "w2s": "specalign.bench.w2s",
+    "draft": "specalign.bench.draft",
 }
 
 

@@ -166,7 +166,7 @@ def acceptance_many(target, drafts: dict, prompts: list[list[int]], responses: l
                 by_pos_n[j] = by_pos_n.get(j, 0) + 1
         for name, draft in drafts.items():
             lq, _ = response_logits(draft, b_prompts, b_resp, pad_id)
-            acc = torch.minimum(p, torch.softmax(lq.float() / temperature, -1)).sum(-1)  # (B, R)
+            acc = torch.minimum(p, torch.softmax(lq.float().to(p.device) / temperature, -1)).sum(-1)  # (B, R)
             del lq
             total[name] += float(acc[mask].sum())
             for row, i in enumerate(idx):

@@ -2,16 +2,20 @@
 
 1. Draft: cut layers from the target (``first:K`` / ``spread:K`` / ``layers:...``; embeddings, final
    norm and head copied), or load any small model of the same vocabulary.
-2. Data: the target samples one response per training prompt (batched, the project's engine) and
-   records its top-k log-probs at every response position on the way (cached on disk, resumable).
-3. Loss on response positions: KL(p || q) (or total variation) between the target's and the draft's
-   distributions coarsened to the target's top-k tokens plus one bucket for the rest of the vocabulary.
-4. Report: acceptance sum_v min(p, q) (full vocabulary, exact) on held-out prompts, before and after.
+2. Data: the target samples responses for the training prompts (batched, the project's engine; cached
+   on disk, resumable). These are the contexts speculative decoding meets: prompt + target text.
+3. Teacher: ``teacher: forward`` runs the target on each training batch, so the loss sees its full
+   next-token distributions; ``teacher: samples`` uses the top-k log-probs recorded while sampling
+   (no teacher forward; the rest of the vocabulary is one bucket).
+4. Loss on response positions: KL(p || q), or total variation TV(p, q) = 1 - acceptance, or KL that
+   turns into TV for the last ``tvd_fraction`` of the run.
+5. Report: acceptance sum_v min(p, q) (full vocabulary, exact) on held-out prompts, before and after.
 Output: a plain model directory (safetensors, tokenizer) + ``draft_report.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -54,11 +58,12 @@ def collate(records: list[dict], pad_id: int = 0) -> dict:
     """Left-pad prompts, right-pad responses: column P-1+j predicts response token j in every row.
 
     Input is prompt + response[:-1] (width P + R - 1), so the draft's logits for the response are
-    the last R columns (``logits_to_keep=R``). Teacher top-k tensors are padded to (B, R, K).
+    the last R columns (``logits_to_keep=R``). Teacher top-k tensors, when the records have them, are
+    padded to (B, R, K).
     """
     width_p = max(len(r["prompt_ids"]) for r in records)
     width_r = max(len(r["response_ids"]) for r in records)
-    k = records[0]["topk_ids"].shape[1]
+    k = records[0]["topk_ids"].shape[1] if "topk_ids" in records[0] else 0
     b = len(records)
     ids = torch.full((b, width_p + width_r - 1), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -72,11 +77,14 @@ def collate(records: list[dict], pad_id: int = 0) -> dict:
         mask[i, width_p - len(p):width_p - len(p) + len(seq)] = 1
         n = len(resp)
         resp_mask[i, :n] = True
-        top_ids[i, :n] = r["topk_ids"][:n].long()
-        top_logp[i, :n] = r["topk_logp"][:n].float()
+        if k:
+            top_ids[i, :n] = r["topk_ids"][:n].long()
+            top_logp[i, :n] = r["topk_logp"][:n].float()
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "response_mask": resp_mask,
-            "topk_ids": top_ids, "topk_logp": top_logp}
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "response_mask": resp_mask}
+    if k:
+        batch.update(topk_ids=top_ids, topk_logp=top_logp)
+    return batch
 
 
 def coarse_distributions(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor):
@@ -93,28 +101,62 @@ def coarse_distributions(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
     return logp, logq
 
 
-def distill_loss(logits, topk_ids, topk_logp, mask, kind: str = "kl") -> torch.Tensor:
-    """Mean over response positions of KL(p || q) or TV(p, q) on the coarsened distributions."""
-    logp, logq = coarse_distributions(logits, topk_ids, topk_logp.float())
+def divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row KL(p || q) or TV(p, q) = 1 - sum min(p, q) of distributions given as log-probs (last dim)."""
     p = logp.exp()
     if kind == "kl":
-        per_pos = (p * (logp - logq)).sum(-1)
-    else:
-        per_pos = 0.5 * (p - logq.exp()).abs().sum(-1)
-    return per_pos[mask].mean()
+        return (p * (logp - logq)).sum(-1)
+    return 0.5 * (p - logq.exp()).abs().sum(-1)
+
+
+def distill_loss(logits, topk_ids, topk_logp, mask, kind: str = "kl") -> torch.Tensor:
+    """Mean over response positions of KL(p || q) or TV(p, q) on the coarsened distributions."""
+    logp, logq = coarse_distributions(logits[mask], topk_ids[mask], topk_logp[mask].float())
+    return divergence(logp, logq, kind).mean()
+
+
+def full_distill_loss(logits, teacher_logits, mask, kind: str = "kl") -> torch.Tensor:
+    """Mean over response positions of KL(p || q) or TV(p, q) on the full vocabulary."""
+    logq = torch.log_softmax(logits[mask].float(), -1)
+    logp = torch.log_softmax(teacher_logits[mask].float(), -1)
+    return divergence(logp, logq, kind).mean()
 
 
 class DistillTrainer(Trainer):
-    def __init__(self, *args, loss_kind: str = "kl", **kw):
+    """Trainer whose loss is the draft's divergence from the target on response positions.
+
+    ``teacher``: the target model (a forward per batch, full vocabulary) or None (the batch carries the
+    top-k log-probs recorded while sampling). ``tvd_fraction``: with loss ``kl``, the last share of the
+    run (by steps or by the ``time_limit`` callback's clock, whichever is further) trains on TV.
+    """
+
+    def __init__(self, *args, loss_kind: str = "kl", teacher=None, tvd_fraction: float = 0.0,
+                 time_limit: "TimeLimit | None" = None, **kw):
         super().__init__(*args, **kw)
-        self.loss_kind = loss_kind
+        self.loss_kind, self.teacher, self.tvd_fraction, self.time_limit = loss_kind, teacher, tvd_fraction, time_limit
+
+    def current_loss_kind(self) -> str:
+        if self.loss_kind != "kl" or self.tvd_fraction <= 0:
+            return self.loss_kind
+        done = self.state.global_step / max(self.state.max_steps, 1)
+        if self.time_limit is not None:
+            done = max(done, self.time_limit.fraction())
+        return "tvd" if done >= 1.0 - self.tvd_fraction else "kl"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         width_r = inputs["response_mask"].shape[1]
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    position_ids=inputs["position_ids"], logits_to_keep=width_r, use_cache=False)
-        loss = distill_loss(out.logits, inputs["topk_ids"], inputs["topk_logp"], inputs["response_mask"],
-                            self.loss_kind)
+        kw = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                  position_ids=inputs["position_ids"], logits_to_keep=width_r, use_cache=False)
+        kind = self.current_loss_kind()
+        if self.teacher is not None:
+            device = inputs["input_ids"].device.type
+            with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
+                teacher_logits = self.teacher(**kw).logits
+        out = model(**kw)
+        if self.teacher is not None:
+            loss = full_distill_loss(out.logits, teacher_logits, inputs["response_mask"], kind)
+        else:
+            loss = distill_loss(out.logits, inputs["topk_ids"], inputs["topk_logp"], inputs["response_mask"], kind)
         return (loss, out) if return_outputs else loss
 
 
@@ -124,6 +166,12 @@ class TimeLimit(TrainerCallback):
     def __init__(self, minutes: float):
         self.seconds = minutes * 60
         self.start = None
+
+    def fraction(self) -> float:
+        """Share of the time limit used so far (0 without a limit)."""
+        if self.seconds <= 0 or self.start is None:
+            return 0.0
+        return (time.perf_counter() - self.start) / self.seconds
 
     def on_train_begin(self, args, state, control, **kw):
         self.start = time.perf_counter()
@@ -136,17 +184,25 @@ class TimeLimit(TrainerCallback):
 
 
 # --------------------------------------------------------------------------------------------
-def _samples(cfg: DraftConfig, target, tok, prompt_ids, cache, topk: int, desc: str):
-    """Target samples through the cache: each process fills its share of chunks, then all read all."""
-    kw = dict(n=cfg.samples_per_prompt if topk else 1, batch_rows=cfg.sample_batch_rows,
+def _samples(cfg: DraftConfig, target, tok, prompt_ids, cache, desc: str, train: bool):
+    """Target samples through the cache: each process fills its share of chunks, then all read all.
+
+    Training samples: ``samples_per_prompt`` per prompt, top-k log-probs only for ``teacher: samples``,
+    bf16 autocast with ``sample_autocast``. Held-out samples: one per prompt in the target's dtype."""
+    topk = cfg.topk if train and cfg.teacher == "samples" else 0
+    autocast = train and cfg.sample_autocast
+    kw = dict(n=cfg.samples_per_prompt if train else 1, batch_rows=cfg.sample_batch_rows,
               max_new_tokens=cfg.max_new_tokens, params=SamplingParams(cfg.sample_temperature),
               seed=cfg.seed if cfg.sample_seed is None else cfg.sample_seed,
               topk=topk, desc=desc)
+    meta = {"model": cfg.target, **({"autocast": "bfloat16"} if autocast else {})}
+    device = next(target.parameters()).device.type
     rank, world = world_rank()
-    if world > 1:
-        cached_samples(cache, target, tok, prompt_ids, {"model": cfg.target}, shard=(rank, world), **kw)
-        wait_for_everyone()
-    return cached_samples(cache, target, tok, prompt_ids, {"model": cfg.target}, progress=is_main_process(), **kw)
+    with torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        if world > 1:
+            cached_samples(cache, target, tok, prompt_ids, meta, shard=(rank, world), **kw)
+            wait_for_everyone()
+        return cached_samples(cache, target, tok, prompt_ids, meta, progress=is_main_process(), **kw)
 
 
 def run(cfg: DraftConfig) -> dict:
@@ -161,17 +217,18 @@ def run(cfg: DraftConfig) -> dict:
            f"{sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M parameters")
 
     _, train_ids = encode_prompts(tok, prompt_split(cfg.prompts, cfg.exclude_prompts, cfg.limit), cfg.max_prompt_tokens)
-    train = _samples(cfg, target, tok, train_ids, cfg.samples_cache or work / "samples", cfg.topk, "target samples")
+    train = _samples(cfg, target, tok, train_ids, cfg.samples_cache or work / "samples", "target samples", True)
     held = []
     if cfg.eval_prompts:
         _, eval_ids = encode_prompts(tok, prompt_split(cfg.eval_prompts, limit=cfg.eval_limit), cfg.max_prompt_tokens)
-        held = _samples(cfg, target, tok, eval_ids, work / "samples-eval", 0, "held-out samples")
+        held = _samples(cfg, target, tok, eval_ids, work / "samples-eval", "held-out samples", False)
     sample_s = time.perf_counter() - started
     n_tokens = sum(len(r["response_ids"]) for r in train)
     report(f"{len(train)} target samples, {n_tokens} response tokens ({sample_s:.0f}s)")
 
     result = {"target": cfg.target, "draft": cfg.draft, "layers": getattr(draft.config, "draft_of", None),
-              "train_samples": len(train), "train_response_tokens": n_tokens, "loss": cfg.loss}
+              "train_samples": len(train), "train_response_tokens": n_tokens, "teacher": cfg.teacher, "loss": cfg.loss,
+              "tvd_fraction": cfg.tvd_fraction, "sample_s": round(sample_s, 1)}
     evaluate = lambda models: acceptance_many(  # noqa: E731
         target, models, [r["prompt_ids"] for r in held], [r["response_ids"] for r in held], tok.pad_token_id,
         temperature=cfg.sample_temperature, progress=True)
@@ -185,11 +242,16 @@ def run(cfg: DraftConfig) -> dict:
         draft.get_input_embeddings().requires_grad_(False)
         draft.get_output_embeddings().requires_grad_(False)
     draft.train()
+    teacher = None
+    if cfg.teacher == "forward":
+        teacher = target.to(cfg.device).eval().requires_grad_(False)
     cfg.output_dir, final_dir = str(work), cfg.output_dir
+    clock = TimeLimit(cfg.max_train_minutes)
     try:
         trainer = DistillTrainer(model=draft, args=cfg, train_dataset=SampleDataset(train),
                                  data_collator=lambda rows: collate(rows, tok.pad_token_id or 0),
-                                 callbacks=[TimeLimit(cfg.max_train_minutes)], loss_kind=cfg.loss)
+                                 callbacks=[clock], loss_kind=cfg.loss, teacher=teacher,
+                                 tvd_fraction=cfg.tvd_fraction, time_limit=clock)
         train_start = time.perf_counter()
         out = trainer.train(resume_from_checkpoint=resume)
         result["train_s"] = round(time.perf_counter() - train_start, 1)

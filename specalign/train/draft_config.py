@@ -12,6 +12,7 @@ from ..errors import SpecError
 from .common import StepArgs
 
 LOSSES = ("kl", "tvd")
+TEACHERS = ("forward", "samples")
 
 
 @dataclass
@@ -34,8 +35,18 @@ class DraftConfig(StepArgs, TrainingArguments):
     sample_temperature: float = field(default=1.0, metadata={"help": "temperature of the target's samples"})
     sample_batch_rows: int = field(default=48, metadata={"help": "rows per sampling batch"})
     sample_seed: int | None = field(default=None, metadata={"help": "seed of the target's samples (default: seed)"})
-    topk: int = field(default=128, metadata={"help": "target log-probs kept per position (the rest is one bucket)"})
+    sample_autocast: bool = field(default=False, metadata={
+        "help": "sample the training responses under bf16 autocast (faster on CPUs with AVX512-BF16 and on GPUs; "
+                "held-out samples and the acceptance report keep the target's dtype)"})
+    teacher: str = field(default="forward", metadata={
+        "help": "forward: a target forward per batch gives full-vocabulary distributions (exact loss) | samples: "
+                "the top-k log-probs recorded while sampling (no teacher forward; the rest of the vocabulary is one "
+                "bucket)"})
+    topk: int = field(default=128, metadata={"help": "teacher: samples: target log-probs kept per position"})
     loss: str = field(default="kl", metadata={"help": "kl (forward KL(p||q)) | tvd (total variation = 1 - acceptance)"})
+    tvd_fraction: float = field(default=0.0, metadata={
+        "help": "with loss kl: train the last share of the run (steps or max_train_minutes, whichever ends first) "
+                "on tvd"})
     freeze_embeddings: bool = field(default=False, metadata={"help": "keep input embeddings / output head fixed"})
     samples_cache: str | None = field(default=None, metadata={"help": "target-sample cache dir (default WORK/samples)"})
     max_train_minutes: float = field(default=0.0, metadata={"help": "stop training after this wall time (0 = off)"})
@@ -55,8 +66,12 @@ class DraftConfig(StepArgs, TrainingArguments):
     def validate(self) -> "DraftConfig":
         if self.loss not in LOSSES:
             raise SpecError(f"unknown distillation loss '{self.loss}': use one of {', '.join(LOSSES)}")
-        if self.topk < 1:
-            raise SpecError(f"topk must be >= 1, got {self.topk}")
+        if self.teacher not in TEACHERS:
+            raise SpecError(f"unknown teacher '{self.teacher}': use forward (a target forward per batch) or samples")
+        if self.teacher == "samples" and self.topk < 1:
+            raise SpecError(f"topk must be >= 1 with teacher: samples, got {self.topk}")
+        if not 0.0 <= self.tvd_fraction <= 1.0:
+            raise SpecError(f"tvd_fraction must be in [0, 1], got {self.tvd_fraction}")
         if self.samples_per_prompt < 1 or self.max_new_tokens < 1 or self.sample_batch_rows < 1:
             raise SpecError("samples_per_prompt, max_new_tokens and sample_batch_rows must be >= 1")
         if not self.output_dir:

@@ -169,3 +169,13 @@ def _save(recs, path) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(recs, tmp)
     os.replace(tmp, path)
+
+
+def read_sample_cache(cache_dir) -> list[dict]:
+    """Every record in a ``cached_samples`` cache directory, sorted by (prompt index, sample)."""
+    from pathlib import Path
+    out: list[dict] = []
+    for path in sorted(Path(cache_dir).glob("chunk-*.pt")):
+        out.extend(torch.load(path, weights_only=False))
+    out.sort(key=lambda r: (r["prompt_index"], r["sample"]))
+    return out
