@@ -70,10 +70,11 @@ def check_dpo(out: Path, kind: str, processes: int, stage) -> dict:
     return rep
 
 
-def test_dpo_deepspeed_zero2_one_process(files):
-    cfg, out = dpo_recipe(files, "dpo_z2")
-    accelerate("zero2.yaml", "dpo", cfg)
-    check_dpo(out, "DEEPSPEED", 1, 2)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_dpo_deepspeed_one_process(files, stage):
+    cfg, out = dpo_recipe(files, f"dpo_z{stage}")
+    accelerate(f"zero{stage}.yaml", "dpo", cfg)
+    check_dpo(out, "DEEPSPEED", 1, stage)
 
 
 def test_dpo_deepspeed_zero2_two_cpu_processes(files):
@@ -81,12 +82,6 @@ def test_dpo_deepspeed_zero2_two_cpu_processes(files):
     accelerate("zero2.yaml", "dpo", cfg, "--num_processes", "2")
     rep = check_dpo(out, "DEEPSPEED", 2, 2)
     assert rep["train_steps"] == 8
-
-
-def test_dpo_deepspeed_zero3_one_process(files):
-    cfg, out = dpo_recipe(files, "dpo_z3")
-    accelerate("zero3.yaml", "dpo", cfg)
-    check_dpo(out, "DEEPSPEED", 1, 3)
 
 
 def test_dpo_with_the_deepspeed_launcher(files):

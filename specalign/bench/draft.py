@@ -101,20 +101,17 @@ def teacher_signal(target, drafts: dict, held: list[dict], topks: list[int], pad
 
 def _train(draft, target, recs, start: int, steps: int, kind: str, opt, sched, config, pad_id: int) -> float:
     """``steps`` optimiser steps on rows start*B.. (cycling); returns the mean loss of the last 10."""
-    from ..train.draft import collate, full_distill_loss
+    from ..train.draft import collate, full_distill_loss, model_inputs, teacher_logits
     params = [p for p in draft.parameters() if p.requires_grad]
     losses = []
     b = config.batch_size
     for step in range(start, start + steps):
         i = (step * b) % max(len(recs) - b, 1)
         batch = collate(recs[i:i + b], pad_id)
-        kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"], logits_to_keep=batch["response_mask"].shape[1], use_cache=False)
+        kw = model_inputs(batch)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            with torch.no_grad():
-                teacher = target(**kw).logits
             logits = draft(**kw).logits
-        loss = full_distill_loss(logits, teacher, batch["response_mask"], kind)
+        loss = full_distill_loss(logits, teacher_logits(target, kw, config.bf16), batch["response_mask"], kind)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -122,6 +122,19 @@ def full_distill_loss(logits, teacher_logits, mask, kind: str = "kl") -> torch.T
     return divergence(logp, logq, kind).mean()
 
 
+def model_inputs(batch: dict) -> dict:
+    """Forward arguments for a ``collate`` batch: logits only for the response columns."""
+    return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=batch["response_mask"].shape[1], use_cache=False)
+
+
+def teacher_logits(teacher, inputs: dict, bf16: bool) -> torch.Tensor:
+    """The target's logits for ``model_inputs(batch)``: no grad, bf16 autocast when ``bf16``."""
+    device = inputs["input_ids"].device.type
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        return teacher(**inputs).logits
+
+
 class DistillTrainer(Trainer):
     """Trainer whose loss is the draft's divergence from the target on response positions.
 
@@ -144,17 +157,12 @@ class DistillTrainer(Trainer):
         return "tvd" if done >= 1.0 - self.tvd_fraction else "kl"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        width_r = inputs["response_mask"].shape[1]
-        kw = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                  position_ids=inputs["position_ids"], logits_to_keep=width_r, use_cache=False)
+        kw = model_inputs(inputs)
         kind = self.current_loss_kind()
-        if self.teacher is not None:
-            device = inputs["input_ids"].device.type
-            with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
-                teacher_logits = self.teacher(**kw).logits
         out = model(**kw)
         if self.teacher is not None:
-            loss = full_distill_loss(out.logits, teacher_logits, inputs["response_mask"], kind)
+            target = teacher_logits(self.teacher, kw, bool(self.args.bf16))
+            loss = full_distill_loss(out.logits, target, inputs["response_mask"], kind)
         else:
             loss = distill_loss(out.logits, inputs["topk_ids"], inputs["topk_logp"], inputs["response_mask"], kind)
         return (loss, out) if return_outputs else loss
