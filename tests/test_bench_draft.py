@@ -64,6 +64,21 @@ def test_bench_draft_measures_drafts_and_pilots(trained, tmp_path):
     assert all(0.0 < r["acceptance"] <= 1.0 for r in result["pilot"])
 
 
+def test_pilot_with_frozen_embeddings_keeps_them_the_targets(trained):
+    from specalign.bench.draft import pilot
+    from specalign.models.loading import load_model
+    from specalign.train.samples import read_sample_cache
+    target = load_model(trained["target"], "float32")
+    recs, held = read_sample_cache(trained["samples"]), read_sample_cache(trained["held"])
+    config = DraftBenchConfig(layers=["first:1"], steps=3, branch_steps=0, freeze_embeddings=True, bf16=False)
+    before = target.get_input_embeddings().weight.clone()
+    (row,) = pilot(target, recs, held, config, 0)
+    draft = load_model(trained["draft"], "float32")  # a first:1 draft
+    vocab_params = {id(m.weight): m.weight.numel() for m in (draft.get_input_embeddings(), draft.get_output_embeddings())}
+    assert row["trainable_params"] == sum(p.numel() for p in draft.parameters()) - sum(vocab_params.values())
+    assert torch.equal(target.get_input_embeddings().weight, before)
+
+
 def test_bench_draft_bad_input(trained, tmp_path):
     with pytest.raises(SpecError, match="--held must be a sample cache dir"):
         run(DraftBenchConfig(target=trained["target"], held=str(tmp_path), drafts=[trained["draft"]]))

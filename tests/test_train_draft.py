@@ -132,7 +132,57 @@ def test_collate_aligns_every_response_token_with_its_prediction():
     assert b["position_ids"][1, last_r].item() == 0 and b["position_ids"][0, last_r].item() == 2
 
 
-@pytest.mark.parametrize("teacher", ["forward", "samples"])
+def test_collate_pads_recorded_hidden_states_per_response_position():
+    h0, h1 = torch.randn(2, 3), torch.randn(4, 3)
+    recs = [{"prompt_ids": [5, 6, 7], "response_ids": [8, 9], "hidden": h0},
+            {"prompt_ids": [5], "response_ids": [10, 11, 12, 2], "hidden": h1}]
+    b = collate(recs, pad_id=0)
+    assert b["hidden"].shape == (2, 4, 3)
+    assert torch.equal(b["hidden"][0, :2], h0) and torch.equal(b["hidden"][1], h1)
+    assert not b["hidden"][0, 2:].any()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recorded_hidden_states_give_the_logits_each_token_was_sampled_from(autocast):
+    """The head on the recorded final hidden states reproduces the sampler's own log-probs at every
+    position of every row (rows of different prompts and lengths, rows ending early)."""
+    from specalign.decode.sampling import SamplingParams
+    from specalign.models.testing import char_tokenizer
+    from specalign.train.draft import head_logits
+    from specalign.train.samples import sample_responses
+    torch.manual_seed(0)
+    model = tiny_llama(hidden_size=32, num_layers=2).eval()
+    with torch.no_grad():  # larger logits: sharper, more varied distributions
+        model.lm_head.weight.mul_(4.0)
+    tok = char_tokenizer()
+    prompts = [[3, 4, 5], [6], [7, 8, 9, 10, 11], [4, 4]]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        recs = sample_responses(model, tok, prompts, n=3, batch_rows=5, max_new_tokens=12, topk=6, hidden=True,
+                                params=SamplingParams(1.0), seed=3, progress=False)
+    assert len({len(r["response_ids"]) for r in recs}) > 1, "some rows end early"
+    for r in recs:
+        n = len(r["response_ids"])
+        assert r["hidden"].shape == (n, 32)
+        assert r["hidden"].dtype == (torch.bfloat16 if autocast else torch.float32)
+        logp = torch.log_softmax(head_logits(model.lm_head, r["hidden"], autocast).float(), -1)
+        vals, ids = logp.topk(6, -1)
+        assert torch.allclose(vals, r["topk_logp"].float(), atol=2e-3), (vals, r["topk_logp"])
+        # the sampled token's log-prob summed over the response is the recorded logp
+        picked = logp.gather(1, torch.tensor(r["response_ids"])[:, None]).sum()
+        assert float(picked) == pytest.approx(r["logp"], abs=1e-2)
+
+
+def test_hidden_states_need_a_final_norm_feeding_the_head():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from specalign.train.samples import final_norm
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=16))
+    with pytest.raises(SpecError, match="use teacher: forward"):
+        final_norm(model)
+    assert final_norm(tiny_llama()) is not None
+
+
+@pytest.mark.parametrize("teacher", ["forward", "hidden", "samples"])
 def test_draft_step_raises_held_out_acceptance(tiny, tmp_path, teacher):
     from specalign.models.loading import load_model
     from specalign.train.draft import run
@@ -144,11 +194,25 @@ def test_draft_step_raises_held_out_acceptance(tiny, tmp_path, teacher):
     assert saved["acceptance"] == pytest.approx(result["acceptance"])
     assert result["acceptance"] > result["acceptance_before"] + 0.05, result
     assert result["train_steps"] == 60 and result["distributed"]["processes"] == 1
+    meta = json.loads((tmp_path / "draft.work" / "samples" / "meta.json").read_text())
+    assert meta.get("hidden", False) == (teacher == "hidden") and (meta["topk"] > 0) == (teacher == "samples")
     # the directory is a plain model of one layer; re-measuring gives the reported figure
     draft = load_model(str(out))
     assert draft.config.num_hidden_layers == 1
     assert not list(tmp_path.glob(".draft.*")), "no partial directory left behind"
     assert not list((tmp_path / "draft.work").glob("checkpoint-*")), "checkpoints dropped after success"
+
+
+def test_frozen_embeddings_stay_the_targets_while_the_layers_learn(tiny, tmp_path):
+    from specalign.models.loading import load_model
+    from specalign.train.draft import run
+    result = run(config(tiny, tmp_path / "fr", teacher="hidden", freeze_embeddings=True, max_steps=20))
+    target, draft = load_model(tiny["target"]), load_model(str(tmp_path / "fr"))
+    assert torch.equal(draft.get_input_embeddings().weight, target.get_input_embeddings().weight)
+    assert torch.equal(draft.get_output_embeddings().weight, target.get_output_embeddings().weight)
+    layer = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(draft.state_dict()[layer], target.state_dict()[layer])
+    assert result["acceptance"] > result["acceptance_before"] + 0.02, result
 
 
 def test_autocast_samples_are_cached_apart_and_train(tiny, tmp_path):

@@ -42,6 +42,8 @@ class DraftBenchConfig:
     batch_size: int = field(default=8, metadata={"help": "pilot: rows per step"})
     learning_rate: float = field(default=5e-4, metadata={"help": "pilot: AdamW learning rate (5-step warm-up)"})
     bf16: bool = field(default=True, metadata={"help": "pilot: bf16 autocast for teacher and draft"})
+    freeze_embeddings: bool = field(default=False, metadata={
+        "help": "pilot: keep the draft's embeddings / tied head fixed (train draft's freeze_embeddings)"})
     seed: int = field(default=0, metadata={"help": "data order and initialisation seed"})
     threads: int = field(default=2, metadata={"help": "torch threads (0 = leave as is)"})
     output_dir: str = field(default="benchmarks/results/draft", metadata={"help": "where results go"})
@@ -137,12 +139,17 @@ def pilot(target, recs: list[dict], held: list[dict], config: DraftBenchConfig, 
     for how in tqdm(config.layers, desc="pilot runs", unit="draft"):
         torch.manual_seed(config.seed)
         draft = build_draft(target, how).train()
-        opt = torch.optim.AdamW(draft.parameters(), lr=config.learning_rate, weight_decay=0.0)
+        if config.freeze_embeddings:
+            draft.get_input_embeddings().requires_grad_(False)
+            draft.get_output_embeddings().requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=config.learning_rate,
+                                weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
         started = time.perf_counter()
         loss = _train(draft, target, recs, 0, config.steps, "kl", opt, sched, config, pad_id)
         rows.append({"layers": how, "phase": f"{config.steps} kl", "train_loss": loss, "acceptance": measure(draft),
-                     "seconds": time.perf_counter() - started})
+                     "seconds": time.perf_counter() - started,
+                     "trainable_params": sum(p.numel() for p in draft.parameters() if p.requires_grad)})
         if not config.branch_steps:
             continue
         state = copy.deepcopy((draft.state_dict(), opt.state_dict(), sched.state_dict()))

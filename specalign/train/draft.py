@@ -5,8 +5,10 @@
 2. Data: the target samples responses for the training prompts (batched, the project's engine; cached
    on disk, resumable). These are the contexts speculative decoding meets: prompt + target text.
 3. Teacher: ``teacher: forward`` runs the target on each training batch, so the loss sees its full
-   next-token distributions; ``teacher: samples`` uses the top-k log-probs recorded while sampling
-   (no teacher forward; the rest of the vocabulary is one bucket).
+   next-token distributions; ``teacher: hidden`` gets the same full distributions from the target's
+   final hidden states recorded while sampling, through its head (no teacher forward);
+   ``teacher: samples`` uses the top-k log-probs recorded while sampling (the rest of the vocabulary
+   is one bucket).
 4. Loss on response positions: KL(p || q), or total variation TV(p, q) = 1 - acceptance, or KL that
    turns into TV for the last ``tvd_fraction`` of the run.
 5. Report: acceptance sum_v min(p, q) (full vocabulary, exact) on held-out prompts, before and after.
@@ -59,7 +61,7 @@ def collate(records: list[dict], pad_id: int = 0) -> dict:
 
     Input is prompt + response[:-1] (width P + R - 1), so the draft's logits for the response are
     the last R columns (``logits_to_keep=R``). Teacher top-k tensors, when the records have them, are
-    padded to (B, R, K).
+    padded to (B, R, K); recorded hidden states to (B, R, H).
     """
     width_p = max(len(r["prompt_ids"]) for r in records)
     width_r = max(len(r["response_ids"]) for r in records)
@@ -84,6 +86,11 @@ def collate(records: list[dict], pad_id: int = 0) -> dict:
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "response_mask": resp_mask}
     if k:
         batch.update(topk_ids=top_ids, topk_logp=top_logp)
+    if "hidden" in records[0]:
+        hidden = records[0]["hidden"].new_zeros(b, width_r, records[0]["hidden"].shape[1])
+        for i, r in enumerate(records):
+            hidden[i, :len(r["response_ids"])] = r["hidden"]
+        batch["hidden"] = hidden
     return batch
 
 
@@ -135,18 +142,26 @@ def teacher_logits(teacher, inputs: dict, bf16: bool) -> torch.Tensor:
         return teacher(**inputs).logits
 
 
+def head_logits(head, hidden: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The target's logits from its recorded final hidden states: no grad, bf16 autocast when ``bf16``."""
+    with torch.no_grad(), torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return head(hidden.to(head.weight.dtype))
+
+
 class DistillTrainer(Trainer):
     """Trainer whose loss is the draft's divergence from the target on response positions.
 
-    ``teacher``: the target model (a forward per batch, full vocabulary) or None (the batch carries the
-    top-k log-probs recorded while sampling). ``tvd_fraction``: with loss ``kl``, the last share of the
+    ``teacher``: the target model (a forward per batch, full vocabulary); or ``head``: the target's output
+    head (the batch carries recorded final hidden states: full vocabulary, no forward); or neither (the
+    batch carries the top-k log-probs recorded while sampling). ``tvd_fraction``: with loss ``kl``, the last share of the
     run (by steps or by the ``time_limit`` callback's clock, whichever is further) trains on TV.
     """
 
-    def __init__(self, *args, loss_kind: str = "kl", teacher=None, tvd_fraction: float = 0.0,
+    def __init__(self, *args, loss_kind: str = "kl", teacher=None, head=None, tvd_fraction: float = 0.0,
                  time_limit: "TimeLimit | None" = None, **kw):
         super().__init__(*args, **kw)
-        self.loss_kind, self.teacher, self.tvd_fraction, self.time_limit = loss_kind, teacher, tvd_fraction, time_limit
+        self.loss_kind, self.teacher, self.head, self.tvd_fraction = loss_kind, teacher, head, tvd_fraction
+        self.time_limit = time_limit
 
     def current_loss_kind(self) -> str:
         if self.loss_kind != "kl" or self.tvd_fraction <= 0:
@@ -162,6 +177,9 @@ class DistillTrainer(Trainer):
         out = model(**kw)
         if self.teacher is not None:
             target = teacher_logits(self.teacher, kw, bool(self.args.bf16))
+            loss = full_distill_loss(out.logits, target, inputs["response_mask"], kind)
+        elif self.head is not None:
+            target = head_logits(self.head, inputs["hidden"], bool(self.args.bf16))
             loss = full_distill_loss(out.logits, target, inputs["response_mask"], kind)
         else:
             loss = distill_loss(out.logits, inputs["topk_ids"], inputs["topk_logp"], inputs["response_mask"], kind)
@@ -196,13 +214,13 @@ def _samples(cfg: DraftConfig, target, tok, prompt_ids, cache, desc: str, train:
     """Target samples through the cache: each process fills its share of chunks, then all read all.
 
     Training samples: ``samples_per_prompt`` per prompt, top-k log-probs only for ``teacher: samples``,
-    bf16 autocast with ``sample_autocast``. Held-out samples: one per prompt in the target's dtype."""
+    final hidden states only for ``teacher: hidden``, bf16 autocast with ``sample_autocast``. Held-out samples: one per prompt in the target's dtype."""
     topk = cfg.topk if train and cfg.teacher == "samples" else 0
     autocast = train and cfg.sample_autocast
     kw = dict(n=cfg.samples_per_prompt if train else 1, batch_rows=cfg.sample_batch_rows,
               max_new_tokens=cfg.max_new_tokens, params=SamplingParams(cfg.sample_temperature),
               seed=cfg.seed if cfg.sample_seed is None else cfg.sample_seed,
-              topk=topk, desc=desc)
+              topk=topk, hidden=train and cfg.teacher == "hidden", desc=desc)
     meta = {"model": cfg.target, **({"autocast": "bfloat16"} if autocast else {})}
     device = next(target.parameters()).device.type
     rank, world = world_rank()
@@ -250,15 +268,16 @@ def run(cfg: DraftConfig) -> dict:
         draft.get_input_embeddings().requires_grad_(False)
         draft.get_output_embeddings().requires_grad_(False)
     draft.train()
-    teacher = None
-    if cfg.teacher == "forward":
-        teacher = target.to(cfg.device).eval().requires_grad_(False)
+    teacher = head = None
+    if cfg.teacher in ("forward", "hidden"):
+        target.to(cfg.device).eval().requires_grad_(False)
+        teacher, head = (target, None) if cfg.teacher == "forward" else (None, target.get_output_embeddings())
     cfg.output_dir, final_dir = str(work), cfg.output_dir
     clock = TimeLimit(cfg.max_train_minutes)
     try:
         trainer = DistillTrainer(model=draft, args=cfg, train_dataset=SampleDataset(train),
                                  data_collator=lambda rows: collate(rows, tok.pad_token_id or 0),
-                                 callbacks=[clock], loss_kind=cfg.loss, teacher=teacher,
+                                 callbacks=[clock], loss_kind=cfg.loss, teacher=teacher, head=head,
                                  tvd_fraction=cfg.tvd_fraction, time_limit=clock)
         train_start = time.perf_counter()
         out = trainer.train(resume_from_checkpoint=resume)

@@ -12,7 +12,7 @@ from ..errors import SpecError
 from .common import StepArgs
 
 LOSSES = ("kl", "tvd")
-TEACHERS = ("forward", "samples")
+TEACHERS = ("forward", "hidden", "samples")
 
 
 @dataclass
@@ -39,9 +39,10 @@ class DraftConfig(StepArgs, TrainingArguments):
         "help": "sample the training responses under bf16 autocast (faster on CPUs with AVX512-BF16 and on GPUs; "
                 "held-out samples and the acceptance report keep the target's dtype)"})
     teacher: str = field(default="forward", metadata={
-        "help": "forward: a target forward per batch gives full-vocabulary distributions (exact loss) | samples: "
-                "the top-k log-probs recorded while sampling (no teacher forward; the rest of the vocabulary is one "
-                "bucket)"})
+        "help": "forward: a target forward per batch gives full-vocabulary distributions (exact loss) | hidden: the "
+                "target's final hidden states recorded while sampling give the same distributions through its head "
+                "(no teacher forward; H numbers a position on disk) | samples: the top-k log-probs recorded while "
+                "sampling (no teacher forward; the rest of the vocabulary is one bucket)"})
     topk: int = field(default=128, metadata={"help": "teacher: samples: target log-probs kept per position"})
     loss: str = field(default="kl", metadata={"help": "kl (forward KL(p||q)) | tvd (total variation = 1 - acceptance)"})
     tvd_fraction: float = field(default=0.0, metadata={
@@ -67,7 +68,8 @@ class DraftConfig(StepArgs, TrainingArguments):
         if self.loss not in LOSSES:
             raise SpecError(f"unknown distillation loss '{self.loss}': use one of {', '.join(LOSSES)}")
         if self.teacher not in TEACHERS:
-            raise SpecError(f"unknown teacher '{self.teacher}': use forward (a target forward per batch) or samples")
+            raise SpecError(f"unknown teacher '{self.teacher}': use forward (a target forward per batch), hidden or "
+                            "samples (signals recorded while sampling)")
         if self.teacher == "samples" and self.topk < 1:
             raise SpecError(f"topk must be >= 1 with teacher: samples, got {self.topk}")
         if not 0.0 <= self.tvd_fraction <= 1.0:

@@ -3,12 +3,14 @@
 ``MultiPromptSampler`` is a ``SamplingGenerator`` whose batch holds different prompts (one
 left-padded prefill), so a policy's samples for a whole prompt set come out in batches of 32-64
 rows. With ``topk > 0`` it also records, at every emitted position, the sampler's top-k
-log-probabilities (raw, temperature 1): the teacher signal for distillation comes free with the
-teacher's own samples.
+log-probabilities (raw, temperature 1); with ``hidden`` the model's final hidden state there (the
+output of its final norm, which its head turns into exactly the logits the token was sampled from).
+Either way the teacher signal for distillation comes free with the teacher's own samples.
 
 ``sample_responses(model, tokenizer, prompts, ...)`` -> list of dicts per (prompt, sample):
 ``prompt_index``, ``prompt_ids``, ``response_ids`` (EOS kept when the row ended with it),
-``reason``, ``logp`` and, with ``topk``, ``topk_ids`` (R, K) int32 / ``topk_logp`` (R, K) float16.
+``reason``, ``logp`` and, with ``topk``, ``topk_ids`` (R, K) int32 / ``topk_logp`` (R, K) float16,
+with ``hidden``, ``hidden`` (R, H) in the dtype the head computes in (bfloat16 under bf16 autocast).
 """
 
 from __future__ import annotations
@@ -23,9 +25,28 @@ class MultiPromptSampler(SamplingGenerator):
     name = "sample-multi"
 
     def __init__(self, model, tokenizer, params: SamplingParams | None = None, max_new_tokens: int = 128,
-                 stop=(), eos_ids=None, topk: int = 0):
+                 stop=(), eos_ids=None, topk: int = 0, hidden: bool = False):
         super().__init__(model, tokenizer, params, max_new_tokens, stop, eos_ids)
-        self.topk = topk
+        self.topk, self.hidden = topk, hidden
+        self.last_hidden: torch.Tensor | None = None  # (active rows, H): the state behind next_logits
+        self.norm = final_norm(model) if hidden else None
+
+    def _keep_last_hidden(self, module, args, output):
+        # as the head will see it: under autocast it rounds to the autocast dtype first (lossless to keep that)
+        device = output.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else output.dtype
+        self.last_hidden = output[:, -1, :].to(dtype)
+
+    def sample(self, prompts_ids: list[list[int]], rng: torch.Generator | None = None) -> list:
+        """Every row to the end (``start_many`` + ``advance``); returns the rows."""
+        hook = self.norm.register_forward_hook(self._keep_last_hidden) if self.hidden else None
+        try:
+            self.start_many(prompts_ids, rng)
+            self.advance()
+        finally:
+            if hook is not None:
+                hook.remove()
+        return self.rows
 
     def start_many(self, prompts_ids: list[list[int]], rng: torch.Generator | None = None) -> None:
         """One left-padded prefill of different prompts, one row each."""
@@ -38,6 +59,9 @@ class MultiPromptSampler(SamplingGenerator):
         if self.topk:
             for row in self.rows:
                 row.stats["topk_ids"], row.stats["topk_logp"] = [], []
+        if self.hidden:
+            for row in self.rows:
+                row.stats["hidden"] = []
 
     def _step(self):
         if self.topk:
@@ -46,7 +70,22 @@ class MultiPromptSampler(SamplingGenerator):
             for pos, i in enumerate(self.active):
                 self.rows[i].stats["topk_ids"].append(ids[pos].to(torch.int32).cpu())
                 self.rows[i].stats["topk_logp"].append(vals[pos].to(torch.float16).cpu())
+        if self.hidden:
+            states = self.last_hidden.cpu()
+            for pos, i in enumerate(self.active):
+                self.rows[i].stats["hidden"].append(states[pos])
         super()._step()
+
+
+def final_norm(model):
+    """The module whose output the head turns into logits (the decoder's final norm); a clear error if
+    the model's logits are not simply head(that output)."""
+    from ..errors import SpecError
+    norm = getattr(model.get_decoder(), "norm", None) if hasattr(model, "get_decoder") else None
+    if norm is None or getattr(model.config, "final_logit_softcapping", None):
+        raise SpecError(f"cannot record final hidden states of {type(model).__name__} (no decoder .norm feeding the "
+                        "head directly): use teacher: forward")
+    return norm
 
 
 def _jobs(prompts_ids, n):
@@ -56,17 +95,23 @@ def _jobs(prompts_ids, n):
 
 
 def _sample_chunk(sampler: MultiPromptSampler, prompts_ids, chunk, rng) -> list[dict]:
-    sampler.start_many([prompts_ids[i] for i, _ in chunk], rng)
-    sampler.advance()
     recs = []
-    for (i, k), row in zip(chunk, sampler.rows):
-        rec = {"prompt_index": i, "sample": k, "prompt_ids": list(prompts_ids[i]), "response_ids": list(row.tokens),
-               "reason": row.reason, "logp": row.stats["logp"]}
-        if sampler.topk:
-            rec["topk_ids"] = torch.stack(row.stats["topk_ids"])
-            rec["topk_logp"] = torch.stack(row.stats["topk_logp"])
-        recs.append(rec)
+    rows = sampler.sample([prompts_ids[i] for i, _ in chunk], rng)
+    with torch.autocast("cpu", enabled=False):  # CPU autocast refuses to stack float16 tensors
+        for (i, k), row in zip(chunk, rows):
+            recs.append(_record(sampler, prompts_ids, i, k, row))
     return recs
+
+
+def _record(sampler, prompts_ids, i: int, k: int, row) -> dict:
+    rec = {"prompt_index": i, "sample": k, "prompt_ids": list(prompts_ids[i]), "response_ids": list(row.tokens),
+           "reason": row.reason, "logp": row.stats["logp"]}
+    if sampler.topk:
+        rec["topk_ids"] = torch.stack(row.stats["topk_ids"])
+        rec["topk_logp"] = torch.stack(row.stats["topk_logp"])
+    if sampler.hidden:
+        rec["hidden"] = torch.stack(row.stats["hidden"])
+    return rec
 
 
 def chunk_seed(seed: int, b: int) -> int:
@@ -75,11 +120,12 @@ def chunk_seed(seed: int, b: int) -> int:
 
 def sample_responses(model, tokenizer, prompts_ids: list[list[int]], n: int = 1, batch_rows: int = 48,
                      max_new_tokens: int = 128, params: SamplingParams | None = None, seed: int = 0,
-                     topk: int = 0, progress: bool = True, desc: str = "sampling") -> list[dict]:
+                     topk: int = 0, hidden: bool = False, progress: bool = True,
+                     desc: str = "sampling") -> list[dict]:
     """``n`` samples for each prompt, in batches of ``batch_rows`` rows (prompts sorted by length)."""
     from tqdm.auto import tqdm
     jobs = _jobs(prompts_ids, n)
-    sampler = MultiPromptSampler(model, tokenizer, params or SamplingParams(), max_new_tokens, topk=topk)
+    sampler = MultiPromptSampler(model, tokenizer, params or SamplingParams(), max_new_tokens, topk=topk, hidden=hidden)
     out: list[dict] = []
     bar = tqdm(total=len(jobs), desc=desc, unit="row", disable=not progress)
     for b, start in enumerate(range(0, len(jobs), batch_rows)):
@@ -94,8 +140,8 @@ def sample_responses(model, tokenizer, prompts_ids: list[list[int]], n: int = 1,
 
 def cached_samples(cache_dir, model, tokenizer, prompts_ids: list[list[int]], meta: dict, n: int = 1,
                    batch_rows: int = 48, max_new_tokens: int = 128, params: SamplingParams | None = None,
-                   seed: int = 0, topk: int = 0, progress: bool = True, desc: str = "sampling",
-                   shard: tuple[int, int] | None = None) -> list[dict] | None:
+                   seed: int = 0, topk: int = 0, hidden: bool = False, progress: bool = True,
+                   desc: str = "sampling", shard: tuple[int, int] | None = None) -> list[dict] | None:
     """``sample_responses`` with an on-disk cache that is filled chunk by chunk (resumable).
 
     ``cache_dir`` holds ``meta.json`` (what was sampled: ``meta`` plus the sampling settings and the
@@ -119,7 +165,7 @@ def cached_samples(cache_dir, model, tokenizer, prompts_ids: list[list[int]], me
     digest = hashlib.sha1(json.dumps(prompts_ids).encode()).hexdigest()
     full_meta = dict(meta, n=n, batch_rows=batch_rows, max_new_tokens=max_new_tokens, temperature=params.temperature,
                      top_k=params.top_k, top_p=params.top_p, seed=seed, topk=topk, prompts_sha1=digest,
-                     num_prompts=len(prompts_ids))
+                     num_prompts=len(prompts_ids), **({"hidden": True} if hidden else {}))
     meta_file = cache / "meta.json"
     if meta_file.is_file():
         old = json.loads(meta_file.read_text())
@@ -143,7 +189,7 @@ def cached_samples(cache_dir, model, tokenizer, prompts_ids: list[list[int]], me
             if b % shard[1] == shard[0] and not path.is_file():
                 rng = torch.Generator(device="cpu").manual_seed(chunk_seed(seed, b))
                 if sampler is None:
-                    sampler = MultiPromptSampler(model, tokenizer, params, max_new_tokens, topk=topk)
+                    sampler = MultiPromptSampler(model, tokenizer, params, max_new_tokens, topk=topk, hidden=hidden)
                 _save(_sample_chunk(sampler, prompts_ids, chunk, rng), path)
             bar.update(len(chunk))
             continue
@@ -151,7 +197,7 @@ def cached_samples(cache_dir, model, tokenizer, prompts_ids: list[list[int]], me
             recs = torch.load(path, weights_only=False)
         else:
             if sampler is None:
-                sampler = MultiPromptSampler(model, tokenizer, params, max_new_tokens, topk=topk)
+                sampler = MultiPromptSampler(model, tokenizer, params, max_new_tokens, topk=topk, hidden=hidden)
             rng = torch.Generator(device="cpu").manual_seed(chunk_seed(seed, b))
             recs = _sample_chunk(sampler, prompts_ids, chunk, rng)
             _save(recs, path)
