@@ -79,9 +79,33 @@ def test_pilot_with_frozen_embeddings_keeps_them_the_targets(trained):
     assert torch.equal(target.get_input_embeddings().weight, before)
 
 
+def test_pilot_on_recorded_hidden_states_trains_as_with_a_teacher_forward(trained):
+    """fp32 samples keep fp32 hidden states: the head gives the forward's logits, so the two pilots
+    take the same steps and end at the same acceptance."""
+    from specalign.bench.draft import pilot
+    from specalign.models.loading import load_model, load_tokenizer
+    from specalign.train.samples import read_sample_cache, sample_responses
+    target, tok = load_model(trained["target"], "float32"), load_tokenizer(trained["target"])
+    held = read_sample_cache(trained["held"])
+    prompts = [r["prompt_ids"] for r in read_sample_cache(trained["samples"])][:16]
+    recs = sample_responses(target, tok, prompts, max_new_tokens=12, hidden=True, progress=False)
+    rows = {}
+    for teacher in ("forward", "hidden"):
+        config = DraftBenchConfig(layers=["first:1"], steps=6, branch_steps=0, teacher=teacher, bf16=False,
+                                  learning_rate=3e-3)
+        (rows[teacher],) = pilot(target, recs, held, config, tok.pad_token_id or 0)
+    assert rows["hidden"]["train_loss"] == pytest.approx(rows["forward"]["train_loss"], abs=1e-4)
+    assert rows["hidden"]["acceptance"] == pytest.approx(rows["forward"]["acceptance"], abs=1e-4)
+    config = DraftBenchConfig(layers=["first:1"], steps=2, branch_steps=0, teacher="hidden", bf16=False)
+    with pytest.raises(SpecError, match="teacher: hidden"):
+        pilot(target, read_sample_cache(trained["samples"]), held, config, tok.pad_token_id or 0)
+
+
 def test_bench_draft_bad_input(trained, tmp_path):
     with pytest.raises(SpecError, match="--held must be a sample cache dir"):
         run(DraftBenchConfig(target=trained["target"], held=str(tmp_path), drafts=[trained["draft"]]))
+    with pytest.raises(SpecError, match="unknown pilot teacher 'top'"):
+        run(DraftBenchConfig(target=trained["target"], held=trained["held"], drafts=[trained["draft"]], teacher="top"))
     with pytest.raises(SpecError, match="nothing to measure"):
         run(DraftBenchConfig(target=trained["target"], held=trained["held"]))
     with pytest.raises(SpecError, match="--samples must be"):

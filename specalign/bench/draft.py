@@ -42,6 +42,9 @@ class DraftBenchConfig:
     batch_size: int = field(default=8, metadata={"help": "pilot: rows per step"})
     learning_rate: float = field(default=5e-4, metadata={"help": "pilot: AdamW learning rate (5-step warm-up)"})
     bf16: bool = field(default=True, metadata={"help": "pilot: bf16 autocast for teacher and draft"})
+    teacher: str = field(default="forward", metadata={
+        "help": "pilot: forward (a target forward per batch) | hidden (the final hidden states in --samples, made by "
+                "train draft with teacher: hidden)"})
     freeze_embeddings: bool = field(default=False, metadata={
         "help": "pilot: keep the draft's embeddings / tied head fixed (train draft's freeze_embeddings)"})
     seed: int = field(default=0, metadata={"help": "data order and initialisation seed"})
@@ -55,6 +58,8 @@ class DraftBenchConfig:
             if not path or not list(Path(path).glob("chunk-*.pt")):
                 raise SpecError(f"--{name} must be a sample cache dir with chunk-*.pt files (made by `specalign "
                                 f"train draft`: OUT.work/samples and OUT.work/samples-eval), got '{path}'")
+        if self.teacher not in ("forward", "hidden"):
+            raise SpecError(f"unknown pilot teacher '{self.teacher}': use forward or hidden")
         if not self.drafts and not self.layers:
             raise SpecError("nothing to measure: give --drafts DIR ... and/or --layers spread:6 ...")
         if any(k < 1 for k in self.topks):
@@ -103,7 +108,7 @@ def teacher_signal(target, drafts: dict, held: list[dict], topks: list[int], pad
 
 def _train(draft, target, recs, start: int, steps: int, kind: str, opt, sched, config, pad_id: int) -> float:
     """``steps`` optimiser steps on rows start*B.. (cycling); returns the mean loss of the last 10."""
-    from ..train.draft import collate, full_distill_loss, model_inputs, teacher_logits
+    from ..train.draft import collate, full_distill_loss, head_logits, model_inputs, teacher_logits
     params = [p for p in draft.parameters() if p.requires_grad]
     losses = []
     b = config.batch_size
@@ -113,7 +118,14 @@ def _train(draft, target, recs, start: int, steps: int, kind: str, opt, sched, c
         kw = model_inputs(batch)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             logits = draft(**kw).logits
-        loss = full_distill_loss(logits, teacher_logits(target, kw, config.bf16), batch["response_mask"], kind)
+        if config.teacher == "hidden":
+            if "hidden" not in batch:
+                raise SpecError("--teacher hidden needs samples recorded with their hidden states (train draft with "
+                                "teacher: hidden)")
+            signal = head_logits(target.get_output_embeddings(), batch["hidden"], config.bf16)
+        else:
+            signal = teacher_logits(target, kw, config.bf16)
+        loss = full_distill_loss(logits, signal, batch["response_mask"], kind)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -147,8 +159,9 @@ def pilot(target, recs: list[dict], held: list[dict], config: DraftBenchConfig, 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
         started = time.perf_counter()
         loss = _train(draft, target, recs, 0, config.steps, "kl", opt, sched, config, pad_id)
-        rows.append({"layers": how, "phase": f"{config.steps} kl", "train_loss": loss, "acceptance": measure(draft),
-                     "seconds": time.perf_counter() - started,
+        rows.append({"layers": how, "phase": f"{config.steps} kl", "train_loss": loss,
+                     "train_s_per_step": (time.perf_counter() - started) / max(config.steps, 1),
+                     "acceptance": measure(draft),
                      "trainable_params": sum(p.numel() for p in draft.parameters() if p.requires_grad)})
         if not config.branch_steps:
             continue
@@ -193,9 +206,13 @@ def table(result: dict) -> str:
                                                                        for k in ks]
         out += ["## Teacher signal: exact vs coarsened acceptance\n", markdown_table(result["teacher_signal"], cols)]
     if "pilot" in result:
-        out += [f"## Pilot runs ({result['train_samples']} training samples, same data order)\n",
+        c = result["config"]
+        how = f"teacher {c.get('teacher', 'forward')}" + (", frozen embeddings" if c.get("freeze_embeddings") else "")
+        out += [f"## Pilot runs ({result['train_samples']} training samples, same data order; {how}, "
+                f"lr {c['learning_rate']:g})\n",
                 markdown_table(result["pilot"], [("layers", "layers"), ("phase", "steps"),
                                                  ("train_loss", "train loss (last 10)"),
+                                                 ("train_s_per_step", "s / step (first phase)"),
                                                  ("acceptance", "held-out acceptance")])]
     return "\n".join(out)
 
