@@ -61,10 +61,15 @@ def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Te
 
 def sample(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of ``logprobs`` (B, V) -> (B,)."""
-    probs = logprobs.exp()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample_from(logprobs.exp(), generator)
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of unnormalised non-negative weights (B, V) -> (B,)."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """One token per row of unnormalised non-negative weights (B, V) -> (B,).
+
+    Inverse-CDF sampling in float64: one uniform per row, so a (128, 49152) batch costs ~4 ms where
+    ``torch.multinomial`` (an exponential draw per vocabulary entry) costs ~140 ms on this CPU. A token of
+    weight 0 is never drawn (the first cumulative weight strictly above u is taken)."""
+    cum = probs.to(torch.float64).cumsum(-1)
+    u = torch.rand(cum.shape[0], 1, generator=generator, dtype=torch.float64, device=cum.device) * cum[:, -1:]
+    return torch.searchsorted(cum, u, right=True).squeeze(-1).clamp_(max=cum.shape[-1] - 1)

@@ -29,7 +29,7 @@ from ..models.loading import load_model, load_tokenizer
 from .common import (drop_checkpoints, encode_prompts, finalize, is_main_process, plain_load, prompt_split, report,
                      resume_from, setup_step, train_summary, wait_for_everyone, world_rank)
 from .draft_config import DraftConfig
-from .samples import cached_samples
+from .samples import autocast_weights, cached_samples
 
 
 def make_draft(spec: str, target, tokenizer):
@@ -148,6 +148,119 @@ def head_logits(head, hidden: torch.Tensor, bf16: bool) -> torch.Tensor:
         return head(hidden.to(head.weight.dtype))
 
 
+# --------------------------------------------------------------------------------------------
+# the fused head + divergence: the (positions x vocabulary) logits are never held whole
+class HeadDivergence(torch.autograd.Function):
+    """Mean over N positions of KL(p || q) or TV(p, q), with q = softmax(h W^T), p = softmax(h_t W_t^T).
+
+    Computed in chunks of positions; the gradient is formed in the same pass (d KL / d z = q - p;
+    d TV / d z = q * (s - sum_v s_v q_v) / 2 with s = sign(q - p)), so no (N, V) tensor is kept for
+    backward. Matmuls run in ``dtype`` (bfloat16 = what autocast does), softmax and the loss in fp32."""
+
+    @staticmethod
+    def forward(ctx, h, weight, h_t, weight_t, kind: str, chunk: int, dtype):
+        n = h.shape[0]
+        w, w_t = weight.detach().to(dtype), weight_t.detach().to(dtype)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        for s in range(0, n, chunk):
+            hc = h[s:s + chunk].detach().to(dtype)
+            logq = torch.log_softmax(hc @ w.T, -1, dtype=torch.float32)
+            logp = torch.log_softmax(h_t[s:s + chunk].to(dtype) @ w_t.T, -1, dtype=torch.float32)
+            q, p = logq.exp(), logp.exp()
+            if kind == "kl":
+                total += (p * (logp - logq)).sum(dtype=torch.float64)
+                g = q.sub_(p)
+            else:
+                sign = torch.sign(q - p)
+                total += 0.5 * (p - q).abs().sum(dtype=torch.float64)
+                g = q.mul_(sign - (sign * q).sum(-1, keepdim=True)).mul_(0.5)
+            g16 = g.to(dtype)
+            grad_h[s:s + chunk] = (g16 @ w).float()
+            if grad_w is not None:
+                grad_w += (g16.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+        ctx.has_w, ctx.n = grad_w is not None, n
+        return (total / max(n, 1)).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out / max(ctx.n, 1)
+        return ((grad_h * scale).to(grad_out.dtype), (grad_w * scale) if ctx.has_w else None,
+                None, None, None, None, None)
+
+
+def head_divergence(h, weight, h_t, weight_t, kind: str = "kl", chunk: int = 128, bf16: bool = False):
+    """``HeadDivergence`` for student states ``h`` (N, H) over head ``weight`` (V, H) and teacher states
+    ``h_t`` over ``weight_t``: equal to ``full_distill_loss`` of the two heads' logits, in one pass."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return HeadDivergence.apply(h, weight, h_t, weight_t, kind, chunk, dtype)
+
+
+@contextlib.contextmanager
+def final_states(model):
+    """Collect the output of ``model``'s final norm (what its head sees) during a forward."""
+    from .samples import final_norm
+    seen = []
+    hook = final_norm(model).register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+def fused_head(model) -> bool:
+    """Whether ``model``'s logits are head(final norm output) with a plain bias-free head (the fused loss applies)."""
+    from ..errors import SpecError
+    from .samples import final_norm
+    head = model.get_output_embeddings()
+    try:
+        final_norm(model)
+    except SpecError:
+        return False
+    return isinstance(head, torch.nn.Linear) and head.bias is None
+
+
+def response_states(model, inner, batch: dict) -> torch.Tensor:
+    """Final hidden states (N, H) of ``model`` at the batch's response positions (one forward; the head runs
+    for one column only). ``inner`` is the unwrapped model whose final norm is hooked."""
+    kw = dict(model_inputs(batch), logits_to_keep=1)
+    width = batch["response_mask"].shape[1]
+    with final_states(inner) as seen:
+        model(**kw)
+    return seen[-1][:, -width:][batch["response_mask"]]
+
+
+def batch_loss(model, batch: dict, kind: str, bf16: bool, teacher=None, head=None, inner=None) -> torch.Tensor:
+    """The distillation loss of one ``collate`` batch: the draft against the target's full distributions
+    (``teacher``: a target forward; ``head``: the target's head over recorded hidden states) or, with neither,
+    against the recorded top-k log-probs. ``inner``: the unwrapped ``model`` (default ``model``)."""
+    inner = model if inner is None else inner
+    device = batch["input_ids"].device.type
+    mask = batch["response_mask"]
+    if (teacher is not None or head is not None) and fused_head(inner) and (teacher is None or fused_head(teacher)):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            states = response_states(model, inner, batch)
+        if teacher is not None:
+            with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                t_states = response_states(teacher, teacher, batch)
+            t_weight = teacher.get_output_embeddings().weight
+        else:
+            t_states, t_weight = batch["hidden"][mask], head.weight
+        return head_divergence(states.float(), inner.get_output_embeddings().weight, t_states.float(), t_weight,
+                               kind, bf16=bf16)
+    kw = model_inputs(batch)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(**kw).logits
+    if teacher is not None:
+        return full_distill_loss(logits, teacher_logits(teacher, kw, bf16), mask, kind)
+    if head is not None:
+        return full_distill_loss(logits, head_logits(head, batch["hidden"], bf16), mask, kind)
+    return distill_loss(logits, batch["topk_ids"], batch["topk_logp"], mask, kind)
+
+
 class DistillTrainer(Trainer):
     """Trainer whose loss is the draft's divergence from the target on response positions.
 
@@ -172,18 +285,9 @@ class DistillTrainer(Trainer):
         return "tvd" if done >= 1.0 - self.tvd_fraction else "kl"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        kw = model_inputs(inputs)
-        kind = self.current_loss_kind()
-        out = model(**kw)
-        if self.teacher is not None:
-            target = teacher_logits(self.teacher, kw, bool(self.args.bf16))
-            loss = full_distill_loss(out.logits, target, inputs["response_mask"], kind)
-        elif self.head is not None:
-            target = head_logits(self.head, inputs["hidden"], bool(self.args.bf16))
-            loss = full_distill_loss(out.logits, target, inputs["response_mask"], kind)
-        else:
-            loss = distill_loss(out.logits, inputs["topk_ids"], inputs["topk_logp"], inputs["response_mask"], kind)
-        return (loss, out) if return_outputs else loss
+        loss = batch_loss(model, inputs, self.current_loss_kind(), bool(self.args.bf16), self.teacher, self.head,
+                          inner=self.accelerator.unwrap_model(model))
+        return (loss, None) if return_outputs else loss
 
 
 class TimeLimit(TrainerCallback):
@@ -209,6 +313,21 @@ class TimeLimit(TrainerCallback):
         return control
 
 
+def train_minutes(cfg: DraftConfig, elapsed_s: float, eval_s: float) -> float:
+    """Training's wall-time limit in minutes (0 = none): ``max_train_minutes``, shortened so that the whole
+    command fits ``max_run_minutes`` -- what has run so far, training, then the final measurement (as long as
+    the one before training; 20% and a minute are added for reloading and saving)."""
+    from ..errors import SpecError
+    limit = cfg.max_train_minutes
+    if cfg.max_run_minutes > 0:
+        left = cfg.max_run_minutes * 60 - elapsed_s - (1.2 * eval_s + 60)
+        if left < 60:
+            raise SpecError(f"max_run_minutes {cfg.max_run_minutes:g} leaves no time to train: {elapsed_s / 60:.1f} min "
+                            "went to sampling and measuring; raise it or sample less (samples_per_prompt)")
+        limit = min(limit, left / 60) if limit > 0 else left / 60
+    return limit
+
+
 # --------------------------------------------------------------------------------------------
 def _samples(cfg: DraftConfig, target, tok, prompt_ids, cache, desc: str, train: bool):
     """Target samples through the cache: each process fills its share of chunks, then all read all.
@@ -224,7 +343,10 @@ def _samples(cfg: DraftConfig, target, tok, prompt_ids, cache, desc: str, train:
     meta = {"model": cfg.target, **({"autocast": "bfloat16"} if autocast else {})}
     device = next(target.parameters()).device.type
     rank, world = world_rank()
-    with torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if autocast:
+            stack.enter_context(torch.autocast(device, dtype=torch.bfloat16))
+            stack.enter_context(autocast_weights(target))
         if world > 1:
             cached_samples(cache, target, tok, prompt_ids, meta, shard=(rank, world), **kw)
             wait_for_everyone()
@@ -259,8 +381,11 @@ def run(cfg: DraftConfig) -> dict:
         target, models, [r["prompt_ids"] for r in held], [r["response_ids"] for r in held], tok.pad_token_id,
         temperature=cfg.sample_temperature, progress=True)
     resume = resume_from(cfg, work)
+    eval_s = 0.0
     if held and cfg.eval_before and is_main_process() and resume is None:
+        eval_start = time.perf_counter()
         result["acceptance_before"] = evaluate({"draft": draft})["draft"]["acceptance"]
+        eval_s = time.perf_counter() - eval_start
         report(f"acceptance before training: {result['acceptance_before']:.4f}")
     wait_for_everyone()
 
@@ -273,7 +398,8 @@ def run(cfg: DraftConfig) -> dict:
         target.to(cfg.device).eval().requires_grad_(False)
         teacher, head = (target, None) if cfg.teacher == "forward" else (None, target.get_output_embeddings())
     cfg.output_dir, final_dir = str(work), cfg.output_dir
-    clock = TimeLimit(cfg.max_train_minutes)
+    clock = TimeLimit(train_minutes(cfg, time.perf_counter() - started, eval_s))
+    result["train_minutes_limit"] = round(clock.seconds / 60, 2)
     try:
         trainer = DistillTrainer(model=draft, args=cfg, train_dataset=SampleDataset(train),
                                  data_collator=lambda rows: collate(rows, tok.pad_token_id or 0),

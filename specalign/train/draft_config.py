@@ -51,6 +51,9 @@ class DraftConfig(StepArgs, TrainingArguments):
     freeze_embeddings: bool = field(default=False, metadata={"help": "keep input embeddings / output head fixed"})
     samples_cache: str | None = field(default=None, metadata={"help": "target-sample cache dir (default WORK/samples)"})
     max_train_minutes: float = field(default=0.0, metadata={"help": "stop training after this wall time (0 = off)"})
+    max_run_minutes: float = field(default=0.0, metadata={
+        "help": "budget for the whole command (0 = off): training stops early enough that sampling + training + the "
+                "final acceptance measurement (timed as the one before training) + saving fit in it"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 (teacher sampling and eval)"})
     # TrainingArguments defaults that suit this step
     learning_rate: float = 3e-4
@@ -76,6 +79,8 @@ class DraftConfig(StepArgs, TrainingArguments):
             raise SpecError(f"tvd_fraction must be in [0, 1], got {self.tvd_fraction}")
         if self.samples_per_prompt < 1 or self.max_new_tokens < 1 or self.sample_batch_rows < 1:
             raise SpecError("samples_per_prompt, max_new_tokens and sample_batch_rows must be >= 1")
+        if self.max_train_minutes < 0 or self.max_run_minutes < 0:
+            raise SpecError("max_train_minutes and max_run_minutes must be >= 0 (0 = no limit)")
         if not self.output_dir:
             raise SpecError("output_dir is required: set output_dir in the recipe or pass --output_dir DIR")
         return self
