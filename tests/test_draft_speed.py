@@ -1,0 +1,125 @@
+"""The fast paths of `train draft`: fused head + divergence, inverse-CDF sampling, once-cast weights,
+eager attention while sampling, and the whole-command time budget. Each must give what the plain path gives."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from specalign.decode.sampling import sample_from
+from specalign.errors import SpecError
+from specalign.models.draft import build_draft
+from specalign.models.testing import tiny_llama
+from specalign.train.draft import batch_loss, collate, full_distill_loss, head_divergence, train_minutes
+from specalign.train.samples import attention, autocast_weights
+
+
+@pytest.mark.parametrize("kind", ["kl", "tvd"])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_head_divergence_equals_full_loss_and_its_gradient(kind, train_head):
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=train_head)
+    h_t, w_t = torch.randn(37, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    wrt = [h, w] if train_head else [h]
+    ref = full_distill_loss((h @ w.T)[None], (h_t @ w_t.T)[None], torch.ones(1, 37, dtype=torch.bool), kind)
+    ref_grads = torch.autograd.grad(ref, wrt)
+    for chunk in (1, 8, 37, 100):  # chunk boundaries inside, at and past the end
+        out = head_divergence(h, w, h_t, w_t, kind, chunk=chunk)
+        assert abs(out.item() - ref.item()) < 1e-6
+        for got, want in zip(torch.autograd.grad(out, wrt), ref_grads):
+            assert torch.allclose(got, want.to(got.dtype), atol=1e-7)
+
+
+def _records(n=5, vocab=40, hidden=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    recs = []
+    for _ in range(n):
+        p, r = int(torch.randint(2, 9, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g))
+        recs.append({"prompt_ids": torch.randint(3, vocab, (p,), generator=g).tolist(),
+                     "response_ids": torch.randint(3, vocab, (r,), generator=g).tolist(),
+                     "hidden": torch.randn(r, hidden, generator=g)})
+    return recs
+
+
+@pytest.mark.parametrize("teacher_kind", ["hidden", "forward"])
+@pytest.mark.parametrize("kind", ["kl", "tvd"])
+def test_batch_loss_fused_equals_plain_path(teacher_kind, kind, monkeypatch):
+    target = tiny_llama(num_layers=3, seed=4)
+    batch = collate(_records(vocab=target.config.vocab_size), 0)
+    grads = {}
+    for fused in (True, False):
+        draft = build_draft(target, "first:1").train().requires_grad_(True)
+        if not fused:  # the plain path: the draft's logits and the teacher's in full, then full_distill_loss
+            monkeypatch.setattr("specalign.train.draft.fused_head", lambda m: False)
+        teacher = target if teacher_kind == "forward" else None
+        head = target.get_output_embeddings() if teacher_kind == "hidden" else None
+        loss = batch_loss(draft, batch, kind, False, teacher=teacher, head=head)
+        loss.backward()
+        grads[fused] = (float(loss), {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None})
+        monkeypatch.undo()
+    (loss_f, g_f), (loss_p, g_p) = grads[True], grads[False]
+    assert abs(loss_f - loss_p) < 1e-5 and loss_f > 0
+    assert g_f.keys() == g_p.keys() and "lm_head.weight" in g_f
+    for name in g_f:
+        assert torch.allclose(g_f[name], g_p[name], atol=1e-6), name
+
+
+def test_sample_from_follows_the_weights_and_never_draws_a_zero_weight():
+    weights = torch.tensor([[0.0, 3.0, 0.0, 1.0, 6.0, 0.0]]).repeat(20000, 1)  # unnormalised
+    draws = sample_from(weights, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=6)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert chisquare(counts[[1, 3, 4]].numpy(), [6000, 2000, 12000]).pvalue > 1e-3
+    # a wrong law is rejected with the same sample size (the check has power)
+    assert chisquare(counts[[1, 3, 4]].numpy(), [6600, 1800, 11600]).pvalue < 1e-3
+    # rows are independent and the seed fixes them
+    again = sample_from(weights[:50], torch.Generator().manual_seed(0))
+    assert torch.equal(again, draws[:50])
+    assert torch.equal(sample_from(torch.tensor([[0.0, 0.0, 1e-30]])), torch.tensor([2]))
+
+
+def test_autocast_weights_gives_the_same_logits_and_restores_the_model():
+    model = tiny_llama(seed=2)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's head is
+    model.requires_grad_(False)  # frozen, as load_model leaves a target
+    before = {n: p for n, p in model.named_parameters()}
+    ids = torch.randint(3, 40, (2, 7))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(ids).logits
+        with autocast_weights(model):
+            assert model.lm_head.weight.dtype == torch.bfloat16
+            assert model.model.embed_tokens.weight.dtype == torch.float32
+            cast = model(ids).logits
+    assert torch.equal(plain, cast)
+    assert all(p is before[n] for n, p in model.named_parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_attention_switch_gives_the_same_logits_and_restores():
+    model = tiny_llama(seed=5)
+    own = model.config._attn_implementation
+    ids = torch.randint(3, 40, (2, 9))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with attention(model, "eager"):
+            assert model.config._attn_implementation == "eager"
+            eager = model(ids).logits
+    assert model.config._attn_implementation == own
+    assert torch.allclose(plain, eager, atol=1e-5)
+
+
+def test_run_budget_shortens_training_and_refuses_when_nothing_is_left():
+    from specalign.train.draft_config import DraftConfig
+    cfg = DraftConfig(output_dir="/tmp/unused", max_train_minutes=50, max_run_minutes=0)
+    assert train_minutes(cfg, 1800, 60) == 50
+    cfg.max_run_minutes = 90  # 30 min gone, final measurement 1.2 * 60 s + 60 s: 57.8 min left, over 50
+    assert train_minutes(cfg, 1800, 60) == 50
+    assert train_minutes(cfg, 3000, 60) == pytest.approx((5400 - 3000 - 132) / 60)
+    cfg.max_train_minutes = 10
+    assert train_minutes(cfg, 1800, 60) == 10
+    cfg.max_train_minutes = 0
+    assert train_minutes(cfg, 1800, 60) == pytest.approx((5400 - 1800 - 132) / 60)
+    with pytest.raises(SpecError, match="max_run_minutes 90 leaves no time to train"):
+        train_minutes(cfg, 5300, 60)
+    with pytest.raises(SpecError, match="must be >= 0"):
+        DraftConfig(output_dir="/tmp/unused", max_run_minutes=-1).validate()
