@@ -14,6 +14,7 @@ BENCHES = {
     "speculative": "specalign.bench.speculative",
     "w2s": "specalign.bench.w2s",
     "draft": "specalign.bench.draft",
+    "draft-speed": "specalign.bench.draft_speed",
 }
 
 
