@@ -123,3 +123,24 @@ def test_run_budget_shortens_training_and_refuses_when_nothing_is_left():
         train_minutes(cfg, 5300, 60)
     with pytest.raises(SpecError, match="must be >= 0"):
         DraftConfig(output_dir="/tmp/unused", max_run_minutes=-1).validate()
+
+
+def test_bench_draft_speed_writes_its_files_and_restores_the_sampler(tmp_path):
+    import json
+
+    from specalign.bench import draft_speed
+    from specalign.decode import generators
+    from specalign.train.testing import prompt_file, save_tiny_model, template_prompts
+    own = generators.sample
+    target = save_tiny_model(tmp_path / "target")
+    prompts = prompt_file(tmp_path / "p.json", template_prompts(8))
+    out = tmp_path / "out"
+    assert draft_speed.main(["--target", target, "--draft", "first:1", "--prompts", prompts, "--rows", "6",
+                             "--first_row", "0", "--max_new_tokens", "6", "--batch_size", "2", "--steps", "2",
+                             "--rounds", "1", "--threads", "1", "--output_dir", str(out)]) == 0
+    assert generators.sample is own
+    report = json.loads((out / "results.json").read_text())
+    for name in ("before", "after"):
+        assert report["sampling"][name]["tokens"] > 0 and report["train_s_per_step"][name] > 0
+    assert report["sampling_speedup"] == round(report["sampling"]["after"]["tok_s"] / report["sampling"]["before"]["tok_s"], 2)
+    assert "| sampling, tokens/s |" in (out / "table.md").read_text()

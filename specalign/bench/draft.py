@@ -108,24 +108,20 @@ def teacher_signal(target, drafts: dict, held: list[dict], topks: list[int], pad
 
 def _train(draft, target, recs, start: int, steps: int, kind: str, opt, sched, config, pad_id: int) -> float:
     """``steps`` optimiser steps on rows start*B.. (cycling); returns the mean loss of the last 10."""
-    from ..train.draft import collate, full_distill_loss, head_logits, model_inputs, teacher_logits
+    from ..train.draft import batch_loss, collate
     params = [p for p in draft.parameters() if p.requires_grad]
     losses = []
     b = config.batch_size
     for step in range(start, start + steps):
         i = (step * b) % max(len(recs) - b, 1)
         batch = collate(recs[i:i + b], pad_id)
-        kw = model_inputs(batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            logits = draft(**kw).logits
         if config.teacher == "hidden":
             if "hidden" not in batch:
                 raise SpecError("--teacher hidden needs samples recorded with their hidden states (train draft with "
                                 "teacher: hidden)")
-            signal = head_logits(target.get_output_embeddings(), batch["hidden"], config.bf16)
+            loss = batch_loss(draft, batch, kind, config.bf16, head=target.get_output_embeddings())
         else:
-            signal = teacher_logits(target, kw, config.bf16)
-        loss = full_distill_loss(logits, signal, batch["response_mask"], kind)
+            loss = batch_loss(draft, batch, kind, config.bf16, teacher=target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
