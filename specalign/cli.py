@@ -1,7 +1,7 @@
 """``specalign`` command line: a thin layer over the Python API.
 
     specalign decode [--config x.yaml] [--flag value ...]    decode prompts (see DecodeConfig)
-    specalign bench NAME [--flag value ...]                  benchmarks (engine, spr, correlation, speculative)
+    specalign bench NAME [--flag value ...]                  benchmarks (engine, spr, correlation, speculative, w2s, draft, draft-speed)
     specalign train STEP --config recipe.yaml [...]          training steps (draft, preferences, dpo, value, reward)
     specalign run RECIPE [--budget smoke|full]               the weak-to-strong pipeline, resumable
 
