@@ -13,10 +13,8 @@ Both paths compute the same thing (tests/test_draft_speed.py); only time differs
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -144,10 +142,8 @@ def main(args: list[str]) -> int:
     from ..cli import parse_config
     (config,) = parse_config([DraftSpeedConfig], args, "specalign bench draft-speed")
     config._argv = list(args)
+    from .common import write_results
     report = run(config)
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "table.md").write_text(table(report))
+    write_results(config.output_dir, report, table(report))
     print(table(report))
     return 0
