@@ -9,7 +9,7 @@ from specalign.decode.sampling import sample_from
 from specalign.errors import SpecError
 from specalign.models.draft import build_draft
 from specalign.models.testing import tiny_llama
-from specalign.train.draft import batch_loss, collate, full_distill_loss, head_divergence, train_minutes
+from specalign.train.draft import batch_loss, collate, full_distill_loss, fused_head, head_divergence, train_minutes
 from specalign.train.samples import attention, autocast_weights
 
 
@@ -43,20 +43,19 @@ def _records(n=5, vocab=40, hidden=32, seed=1):
 
 @pytest.mark.parametrize("teacher_kind", ["hidden", "forward"])
 @pytest.mark.parametrize("kind", ["kl", "tvd"])
-def test_batch_loss_fused_equals_plain_path(teacher_kind, kind, monkeypatch):
+def test_batch_loss_fused_equals_plain_path(teacher_kind, kind):
     target = tiny_llama(num_layers=3, seed=4)
     batch = collate(_records(vocab=target.config.vocab_size), 0)
     grads = {}
     for fused in (True, False):
         draft = build_draft(target, "first:1").train().requires_grad_(True)
-        if not fused:  # the plain path: the draft's logits and the teacher's in full, then full_distill_loss
-            monkeypatch.setattr("specalign.train.draft.fused_head", lambda m: False)
         teacher = target if teacher_kind == "forward" else None
         head = target.get_output_embeddings() if teacher_kind == "hidden" else None
-        loss = batch_loss(draft, batch, kind, False, teacher=teacher, head=head)
+        # fused=False: the draft's logits and the teacher's in full, then full_distill_loss
+        loss = batch_loss(draft, batch, kind, False, teacher=teacher, head=head, fused=fused)
         loss.backward()
-        grads[fused] = (float(loss), {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None})
-        monkeypatch.undo()
+        grads[fused] = (loss.item(), {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None})
+    assert fused_head(target)  # the fused path is the one taken above
     (loss_f, g_f), (loss_p, g_p) = grads[True], grads[False]
     assert abs(loss_f - loss_p) < 1e-5 and loss_f > 0
     assert g_f.keys() == g_p.keys() and "lm_head.weight" in g_f

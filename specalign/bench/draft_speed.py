@@ -36,46 +36,33 @@ class DraftSpeedConfig:
 
 
 @contextlib.contextmanager
-def before_sampling():
-    """The sampler as it was: multinomial draws, the model's own attention, per-call weight casts."""
+def multinomial_draws():
+    """The generators' token draw as it was: ``torch.multinomial`` (restored afterwards)."""
     from ..decode import generators
-    from ..train import samples
-    own_sample, own_weights = generators.sample, samples.autocast_weights
+    own = generators.sample
     generators.sample = lambda logprobs, generator=None: torch.multinomial(
         logprobs.exp(), 1, generator=generator).squeeze(-1)
     try:
-        yield {"attn_implementation": None, "weights": contextlib.nullcontext}
+        yield
     finally:
-        generators.sample, samples.autocast_weights = own_sample, own_weights
+        generators.sample = own
 
 
 def _sample(target, tok, prompts, config, before: bool):
+    """One sampling batch, timed; *before*: multinomial draws, the model's own attention, per-call casts."""
     from ..decode.sampling import SamplingParams
-    from ..train.samples import MultiPromptSampler, _record, autocast_weights
+    from ..train.samples import MultiPromptSampler, _sample_chunk, autocast_weights
+    sampler = MultiPromptSampler(target, tok, SamplingParams(1.0), config.max_new_tokens, hidden=True,
+                                 attn_implementation=None if before else "eager")
     with contextlib.ExitStack() as stack:
-        attn = "eager"
-        weights = autocast_weights(target)
-        if before:
-            old = stack.enter_context(before_sampling())
-            attn, weights = old["attn_implementation"], old["weights"]()
-        sampler = MultiPromptSampler(target, tok, SamplingParams(1.0), config.max_new_tokens, hidden=True,
-                                     attn_implementation=attn)
+        stack.enter_context(multinomial_draws() if before else autocast_weights(target))
         stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-        stack.enter_context(weights)
         start = time.perf_counter()
-        rows = sampler.sample(prompts, torch.Generator().manual_seed(config.seed))
+        recs = _sample_chunk(sampler, prompts, [(i, 0) for i in range(len(prompts))],
+                             torch.Generator().manual_seed(config.seed))
         seconds = time.perf_counter() - start
-    with torch.autocast("cpu", enabled=False):
-        recs = [_record(sampler, prompts, i, 0, row) for i, row in enumerate(rows)]
     tokens = sum(len(r["response_ids"]) for r in recs)
     return recs, {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
-
-
-def _old_loss(draft, head, batch, kind="kl"):
-    from ..train.draft import full_distill_loss, head_logits, model_inputs
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = draft(**model_inputs(batch)).logits
-    return full_distill_loss(logits, head_logits(head, batch["hidden"], True), batch["response_mask"], kind)
 
 
 def _steps(draft, head, opt, recs, config, start: int, before: bool) -> float:
@@ -85,7 +72,7 @@ def _steps(draft, head, opt, recs, config, start: int, before: bool) -> float:
     for step in range(start, start + config.steps):
         i = (step * b) % max(len(recs) - b, 1)
         batch = collate(recs[i:i + b], 0)
-        loss = _old_loss(draft, head, batch) if before else batch_loss(draft, batch, "kl", True, head=head)
+        loss = batch_loss(draft, batch, "kl", True, head=head, fused=not before)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -101,7 +88,7 @@ def run(config: DraftSpeedConfig) -> dict:
     target = load_model(config.target, "float32")
     tok = load_tokenizer(config.target)
     _, ids = encode_prompts(tok, prompt_split(config.prompts, None, 0), 256)
-    jobs = _jobs(ids, 8)[config.first_row:config.first_row + config.rows]
+    jobs = _jobs(ids, 8)[config.first_row:config.first_row + config.rows]  # the recipe's job order at 8 per prompt
     prompts = [ids[i] for i, _ in jobs]
     sampling = {}
     for name in ("before", "after"):

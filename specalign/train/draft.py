@@ -233,14 +233,17 @@ def response_states(model, inner, batch: dict) -> torch.Tensor:
     return seen[-1][:, -width:][batch["response_mask"]]
 
 
-def batch_loss(model, batch: dict, kind: str, bf16: bool, teacher=None, head=None, inner=None) -> torch.Tensor:
+def batch_loss(model, batch: dict, kind: str, bf16: bool, teacher=None, head=None, inner=None,
+               fused: bool = True) -> torch.Tensor:
     """The distillation loss of one ``collate`` batch: the draft against the target's full distributions
     (``teacher``: a target forward; ``head``: the target's head over recorded hidden states) or, with neither,
-    against the recorded top-k log-probs. ``inner``: the unwrapped ``model`` (default ``model``)."""
+    against the recorded top-k log-probs. ``inner``: the unwrapped ``model`` (default ``model``).
+    ``fused``: use ``head_divergence`` where the models allow it; False computes the full logits (same loss)."""
     inner = model if inner is None else inner
     device = batch["input_ids"].device.type
     mask = batch["response_mask"]
-    if (teacher is not None or head is not None) and fused_head(inner) and (teacher is None or fused_head(teacher)):
+    full = teacher is not None or head is not None
+    if fused and full and fused_head(inner) and (teacher is None or fused_head(teacher)):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             states = response_states(model, inner, batch)
         if teacher is not None:
