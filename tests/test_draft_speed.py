@@ -143,3 +143,85 @@ def test_bench_draft_speed_writes_its_files_and_restores_the_sampler(tmp_path):
         assert report["sampling"][name]["tokens"] > 0 and report["train_s_per_step"][name] > 0
     assert report["sampling_speedup"] == round(report["sampling"]["after"]["tok_s"] / report["sampling"]["before"]["tok_s"], 2)
     assert "| sampling, tokens/s |" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("clock_share", [None, 0.5, 1.7])
+def test_schedule_follows_the_time_limit_when_it_is_further_than_the_steps(tmp_path, clock_share):
+    import math
+    import time
+
+    from transformers import TrainingArguments
+
+    from specalign.train.draft import DistillTrainer, SampleDataset, TimeLimit
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-3, lr_scheduler_type="cosine",
+                             warmup_steps=0, max_steps=100, report_to=[])
+    clock = TimeLimit(10.0)
+    trainer = DistillTrainer(model=tiny_llama(num_layers=1), args=args, train_dataset=SampleDataset(_records()),
+                             time_limit=clock)
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    sched = trainer.lr_scheduler
+    if clock_share is not None:
+        clock.start = time.perf_counter() - clock_share * clock.seconds
+    for _ in range(3):
+        trainer.optimizer.step()
+        sched.step()
+    at = 3 if clock_share is None else min(round(clock_share * 100), 100)  # the clock, if further than step 3
+    want = 1e-3 * 0.5 * (1 + math.cos(math.pi * at / 100))
+    assert sched.get_last_lr()[0] == pytest.approx(want, rel=1e-3, abs=1e-12)
+    if clock_share and clock_share > 1:
+        assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    # no time limit: transformers' schedule, untouched (step 3 of 100)
+    plain = DistillTrainer(model=tiny_llama(num_layers=1), args=args, train_dataset=SampleDataset(_records()))
+    plain.create_optimizer_and_scheduler(num_training_steps=100)
+    for _ in range(3):
+        plain.optimizer.step()
+        plain.lr_scheduler.step()
+    assert plain.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 100)))
+
+
+def test_grouped_attention_equals_eager_attention_with_a_mask_and_several_query_positions():
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from specalign.models.attention import grouped_attention_forward
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, t, length, d = 3, 6, 2, 4, 11, 8
+    q = torch.randn(b, hq, t, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, hkv, length, d, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.zeros(b, 1, t, length, dtype=torch.float64)
+    mask[0, :, :, :3] = float("-inf")  # left padding of row 0
+    future = torch.arange(length)[None, :] > torch.arange(t)[:, None] + (length - t)  # query i sees keys <= L-T+i
+    mask[:, :, future] = float("-inf")
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training, module.is_causal = hq // hkv, False, True
+    want, _ = eager_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
+    got, none = grouped_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
+    assert got.shape == want.shape == (b, t, hq, d) and none is None
+    assert (got - want).abs().max() < 1e-6  # torch's CPU SDPA kernel differs from eager by ~1e-7 even in fp64
+    # no mask and T > 1: causal attention over an empty cache (a prefill without padding)
+    k, v = k[:, :, :t], v[:, :, :t]
+    causal = torch.zeros(t, t, dtype=torch.float64).masked_fill(torch.ones(t, t).triu(1).bool(), float("-inf"))
+    want, _ = eager_attention_forward(module, q, k, v, causal[None, None], scaling=d ** -0.5)
+    got, _ = grouped_attention_forward(module, q, k, v, None, scaling=d ** -0.5)
+    assert (got - want).abs().max() < 1e-6
+
+
+def test_grouped_attention_gives_eager_logits_through_the_engine():
+    """Ragged left-padded prefill, one-token steps, a multi-token extend and a row selection: same logits."""
+    from specalign.decode.engine import LMState
+    from specalign.models.attention import register
+    name = register()
+    model = tiny_llama(num_heads=6, num_kv_heads=2, hidden_size=48, seed=3)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    logits = {}
+    for impl in ("eager", name):
+        with torch.no_grad(), attention(model, impl):
+            assert model.config._attn_implementation == impl
+            state = LMState(model)
+            out = [state.prefill(prompts)]
+            out.append(state.extend(torch.tensor([[20], [21], [22]]))[:, -1])
+            out.append(state.extend(torch.tensor([[23, 24, 25], [26, 27, 28], [29, 30, 31]])).flatten(0, 1))
+            state.select([0, 2])
+            out.append(state.extend(torch.tensor([[32], [33]]))[:, -1])
+        logits[impl] = out
+    for a, b in zip(logits["eager"], logits[name]):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -3,7 +3,7 @@
 1. Sampling the training data (one batch of the recipe's rows, hidden states recorded, bf16 autocast):
    *before* = the model's own attention (sdpa), ``torch.multinomial`` (an exponential draw per vocabulary
    entry), frozen weights cast by autocast at every call; *after* = what ``train draft`` does now
-   (eager attention, inverse-CDF sampling, weights cast once). Same prompts, same seed.
+   (grouped attention, inverse-CDF sampling, weights cast once). Same prompts, same seed.
 2. Training steps on those samples (AdamW, bf16 autocast, the recipe's draft, frozen embeddings):
    *before* = the draft's logits for every response column and the target head's logits in full, then
    ``full_distill_loss``; *after* = ``batch_loss`` (the fused chunked head + divergence). Alternating.
@@ -52,8 +52,8 @@ def _sample(target, tok, prompts, config, before: bool):
     """One sampling batch, timed; *before*: multinomial draws, the model's own attention, per-call casts."""
     from ..decode.sampling import SamplingParams
     from ..train.samples import MultiPromptSampler, _sample_chunk, autocast_weights
-    sampler = MultiPromptSampler(target, tok, SamplingParams(1.0), config.max_new_tokens, hidden=True,
-                                 attn_implementation=None if before else "eager")
+    own = {"attn_implementation": None} if before else {}  # after: the sampler's default (grouped attention)
+    sampler = MultiPromptSampler(target, tok, SamplingParams(1.0), config.max_new_tokens, hidden=True, **own)
     with contextlib.ExitStack() as stack:
         stack.enter_context(multinomial_draws() if before else autocast_weights(target))
         stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))

@@ -279,13 +279,27 @@ class DistillTrainer(Trainer):
         self.loss_kind, self.teacher, self.head, self.tvd_fraction = loss_kind, teacher, head, tvd_fraction
         self.time_limit = time_limit
 
+    def progress_step(self, step: int, total: int) -> int:
+        """The step the run's progress puts us at: ``step``, or the time limit's share of ``total`` if further."""
+        clock = self.time_limit.fraction() if self.time_limit is not None else 0.0
+        return min(max(step, round(clock * total)), total)
+
     def current_loss_kind(self) -> str:
         if self.loss_kind != "kl" or self.tvd_fraction <= 0:
             return self.loss_kind
-        done = self.state.global_step / max(self.state.max_steps, 1)
-        if self.time_limit is not None:
-            done = max(done, self.time_limit.fraction())
+        total = max(self.state.max_steps, 1)
+        done = self.progress_step(self.state.global_step, total) / total
         return "tvd" if done >= 1.0 - self.tvd_fraction else "kl"
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The configured schedule (transformers' own), read at the step the run's progress puts us at: with a
+        time limit that stops training before ``max_steps``, the learning rate still decays over the whole run."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.time_limit is not None and self.time_limit.seconds > 0 and hasattr(scheduler, "lr_lambdas"):
+            scheduler.lr_lambdas = [
+                (lambda step, f=f: f(self.progress_step(step, num_training_steps)))
+                for f in scheduler.lr_lambdas]
+        return scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = batch_loss(model, inputs, self.current_loss_kind(), bool(self.args.bf16), self.teacher, self.head,
