@@ -70,7 +70,7 @@ def test_every_smollm2_recipe_parses_for_its_step():
         assert cfg.output_dir.startswith("/work/artifacts/")
     (draft,) = parse_config([DraftConfig], ["--config", str(ROOT / "recipes/smollm2/draft.yaml")], "draft")
     assert draft.output_dir == "/work/artifacts/draft-smollm2" and draft.draft == "layers:0,2,5,10,20,29"
-    assert (draft.teacher, draft.loss, draft.tvd_fraction, draft.samples_per_prompt) == ("hidden", "kl", 0.25, 6)
+    assert (draft.teacher, draft.loss, draft.tvd_fraction, draft.samples_per_prompt) == ("hidden", "kl", 0.25, 8)
     assert draft.freeze_embeddings and draft.sample_autocast
     # the weak-to-strong pipeline's draft step is the same recipe (it reuses that output directory)
     import yaml
