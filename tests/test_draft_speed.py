@@ -225,3 +225,27 @@ def test_grouped_attention_gives_eager_logits_through_the_engine():
         logits[impl] = out
     for a, b in zip(logits["eager"], logits[name]):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_group_by_length_batches_rows_of_neighbouring_lengths(tmp_path):
+    """``train_sampling_strategy: group_by_length`` (Trainer's own sampler) reads SampleDataset's input_ids: every
+    row comes once, and batches pad to far fewer columns than random batches of the same rows."""
+    from transformers import TrainingArguments
+
+    from specalign.train.draft import DistillTrainer, SampleDataset
+    g = torch.Generator().manual_seed(3)  # as the target's samples: most responses run to max_new_tokens
+    recs = [{"prompt_ids": [5] * int(torch.randint(2, 60, (1,), generator=g)), "response_ids": [6] * 12}
+            for _ in range(400)]
+
+    def padding(strategy):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8, report_to=[],
+                                 train_sampling_strategy=strategy, remove_unused_columns=False, seed=0)
+        trainer = DistillTrainer(model=tiny_llama(num_layers=1), args=args, train_dataset=SampleDataset(recs),
+                                 data_collator=lambda rows: collate(rows, 0))
+        batches = list(trainer.get_train_dataloader())
+        rows = sorted(sum((b["attention_mask"].sum(1).tolist() for b in batches), []))
+        assert rows == sorted(len(r["prompt_ids"]) + len(r["response_ids"]) - 1 for r in recs)  # every row once
+        return sum(int((1 - b["attention_mask"]).sum()) for b in batches)
+
+    grouped, random = padding("group_by_length"), padding("random")
+    assert grouped < 0.2 * random, (grouped, random)

@@ -70,14 +70,14 @@ def test_every_smollm2_recipe_parses_for_its_step():
         assert cfg.output_dir.startswith("/work/artifacts/")
     (draft,) = parse_config([DraftConfig], ["--config", str(ROOT / "recipes/smollm2/draft.yaml")], "draft")
     assert draft.output_dir == "/work/artifacts/draft-smollm2" and draft.draft == "layers:0,2,5,10,20,29"
-    assert (draft.teacher, draft.loss, draft.tvd_fraction, draft.samples_per_prompt) == ("hidden", "kl", 0.25, 8)
+    assert (draft.teacher, draft.loss, draft.tvd_fraction, draft.samples_per_prompt) == ("hidden", "kl", 0.25, 4)
     assert draft.freeze_embeddings and draft.sample_autocast
     # the weak-to-strong pipeline's draft step is the same recipe (it reuses that output directory)
     import yaml
     w2s = yaml.safe_load((ROOT / "recipes/smollm2/weak_to_strong.yaml").read_text())["steps"]["draft"]
     recipe = yaml.safe_load((ROOT / "recipes/smollm2/draft.yaml").read_text())
     same = ("draft", "output_dir", "samples_per_prompt", "teacher", "loss", "tvd_fraction", "learning_rate",
-            "max_steps", "max_run_minutes", "sample_autocast", "freeze_embeddings", "bf16")
+            "max_steps", "max_run_minutes", "sample_autocast", "freeze_embeddings", "bf16", "train_sampling_strategy")
     assert {k: w2s[k] for k in same} == {k: recipe[k] for k in same}
 
 

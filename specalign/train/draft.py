@@ -53,7 +53,10 @@ class SampleDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
-        return self.records[i]
+        # ``input_ids`` (the row's model input, as ``collate`` builds it) lets Trainer's
+        # ``train_sampling_strategy: group_by_length`` batch rows of similar length (less padding)
+        r = self.records[i]
+        return dict(r, input_ids=list(r["prompt_ids"]) + list(r["response_ids"][:-1]))
 
 
 def collate(records: list[dict], pad_id: int = 0) -> dict:
