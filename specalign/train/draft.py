@@ -53,10 +53,15 @@ class SampleDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
-        # ``input_ids`` (the row's model input, as ``collate`` builds it) lets Trainer's
-        # ``train_sampling_strategy: group_by_length`` batch rows of similar length (less padding)
+        # ``input_ids`` (the row's model input) lets Trainer's ``train_sampling_strategy: group_by_length``
+        # batch rows of similar length (less padding)
         r = self.records[i]
-        return dict(r, input_ids=list(r["prompt_ids"]) + list(r["response_ids"][:-1]))
+        return dict(r, input_ids=row_input_ids(r))
+
+
+def row_input_ids(record: dict) -> list[int]:
+    """A record's model input: prompt + response without its last token (which nothing follows)."""
+    return list(record["prompt_ids"]) + list(record["response_ids"][:-1])
 
 
 def collate(records: list[dict], pad_id: int = 0) -> dict:
@@ -77,7 +82,7 @@ def collate(records: list[dict], pad_id: int = 0) -> dict:
     top_logp = torch.full((b, width_r, k), -1e4, dtype=torch.float32)
     for i, r in enumerate(records):
         p, resp = r["prompt_ids"], r["response_ids"]
-        seq = list(p) + list(resp[:-1])
+        seq = row_input_ids(r)
         ids[i, width_p - len(p):width_p - len(p) + len(seq)] = torch.tensor(seq)
         mask[i, width_p - len(p):width_p - len(p) + len(seq)] = 1
         n = len(resp)
