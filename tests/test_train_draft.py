@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from specalign.decode.engine import CACHE_FIELD
 from specalign.errors import SpecError
 from specalign.models.draft import acceptance, build_draft, layer_indices
 from specalign.models.testing import tiny_llama
@@ -64,7 +65,8 @@ def test_build_draft_copies_layers_and_shares_vocab():
     with torch.no_grad():
         whole = draft(ids).logits[:, -1]
         out = draft(ids[:, :5], use_cache=True)
-        step = draft(ids[:, 5:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        cache = getattr(out, CACHE_FIELD)
+        step = draft(ids[:, 5:], use_cache=True, **{CACHE_FIELD: cache}).logits[:, -1]
     assert torch.allclose(whole, step, atol=1e-5)
 
 

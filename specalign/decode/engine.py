@@ -22,8 +22,13 @@ from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cost import ModelCost, count_params
+
+# The KV cache's keyword and output field: ``cache`` in recent transformers 5.x, ``past_key_values`` before
+# (recent versions still take the old name, with a deprecation warning).
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class LMState:
@@ -58,8 +63,8 @@ class LMState:
         mask = None if bool(self.mask.all()) else self.mask
         with self.cost.forward(input_ids.numel()), self._context():
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
-        self.cache = out.past_key_values
+                             use_cache=True, logits_to_keep=logits_to_keep, **{CACHE_FIELD: self.cache})
+        self.cache = getattr(out, CACHE_FIELD)
         return out.logits
 
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
