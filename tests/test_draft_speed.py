@@ -142,7 +142,12 @@ def test_bench_draft_speed_writes_its_files_and_restores_the_sampler(tmp_path):
     for name in ("before", "after"):
         assert report["sampling"][name]["tokens"] > 0 and report["train_s_per_step"][name] > 0
     assert report["sampling_speedup"] == round(report["sampling"]["after"]["tok_s"] / report["sampling"]["before"]["tok_s"], 2)
-    assert "| sampling, tokens/s |" in (out / "table.md").read_text()
+    on = report["on_policy"]
+    assert on["draft_sampling"]["tokens"] == on["target_forward"]["tokens"] > 0
+    assert on["tok_s"] == round(1 / (1 / on["draft_sampling"]["tok_s"] + 1 / on["target_forward"]["tok_s"]), 1)
+    assert on["tok_s"] < min(on["draft_sampling"]["tok_s"], on["target_forward"]["tok_s"])
+    table = (out / "table.md").read_text()
+    assert "| sampling, tokens/s |" in table and "| on-policy, both parts |" in table
 
 
 @pytest.mark.parametrize("clock_share", [None, 0.5, 1.7])

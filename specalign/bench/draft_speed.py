@@ -8,6 +8,11 @@
    *before* = the draft's logits for every response column and the target head's logits in full, then
    ``full_distill_loss``; *after* = ``batch_loss`` (the fused chunked head + divergence). Alternating.
 Both paths compute the same thing (tests/test_draft_speed.py); only time differs.
+3. What a response token of teacher signal costs by the other route, on-policy contexts as in DistillSpec:
+   the (untrained) draft samples the same prompts (fast paths on), then the target runs one forward over
+   prompt + draft response per batch of training rows, its final hidden states at the response positions
+   kept (what ``teacher: hidden`` records). Tokens/s of the two parts and of the route as a whole, against
+   the target sampling its own responses (row "after" of 1).
 """
 
 from __future__ import annotations
@@ -65,6 +70,28 @@ def _sample(target, tok, prompts, config, before: bool):
     return recs, {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
 
 
+def _on_policy(target, draft, tok, prompts, config) -> dict:
+    """Draft samples for ``prompts``, then target forwards over them (hidden states at response positions)."""
+    from ..train.draft import collate, response_states
+    from ..train.samples import autocast_weights
+    draft.requires_grad_(False)
+    try:
+        recs, sampled = _sample(draft, tok, prompts, config, False)
+    finally:
+        draft.requires_grad_(True)
+    recs = [r for r in recs if r["response_ids"]]
+    tokens = sum(len(r["response_ids"]) for r in recs)
+    b = config.batch_size
+    with torch.no_grad(), autocast_weights(target), torch.autocast("cpu", dtype=torch.bfloat16):
+        start = time.perf_counter()
+        for i in range(0, len(recs), b):
+            response_states(target, target, collate(recs[i:i + b], 0))
+        seconds = time.perf_counter() - start
+    forward = {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
+    both = round(1.0 / (1.0 / sampled["tok_s"] + 1.0 / forward["tok_s"]), 1)
+    return {"draft_sampling": sampled, "target_forward": forward, "tok_s": both}
+
+
 def _steps(draft, head, opt, recs, config, start: int, before: bool) -> float:
     from ..train.draft import batch_loss, collate
     b = config.batch_size
@@ -96,6 +123,7 @@ def run(config: DraftSpeedConfig) -> dict:
     torch.manual_seed(config.seed)
     recs = [recs[i] for i in torch.randperm(len(recs)).tolist()]  # batches of mixed lengths, as the Trainer's
     draft = build_draft(target, config.draft).train()
+    on_policy = _on_policy(target, draft, tok, prompts, config)
     draft.get_input_embeddings().requires_grad_(False)
     draft.get_output_embeddings().requires_grad_(False)
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-5)
@@ -108,13 +136,15 @@ def run(config: DraftSpeedConfig) -> dict:
     train = {name: round(min(v), 3) for name, v in times.items()}
     return {"config": asdict(config), "sampling": sampling,
             "sampling_speedup": round(sampling["after"]["tok_s"] / sampling["before"]["tok_s"], 2),
+            "on_policy": on_policy,
+            "on_policy_vs_target_sampling": round(on_policy["tok_s"] / sampling["after"]["tok_s"], 2),
             "train_s_per_step": train, "train_speedup": round(train["before"] / train["after"], 2),
             "train_rounds": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "command": "specalign bench draft-speed " + " ".join(getattr(config, "_argv", []))}
 
 
 def table(report: dict) -> str:
-    cfg, s, t = report["config"], report["sampling"], report["train_s_per_step"]
+    cfg, s, t, o = report["config"], report["sampling"], report["train_s_per_step"], report["on_policy"]
     return "\n".join([
         f"`{report['command'].strip()}`: {cfg['target']}, sampling batch of {cfg['rows']} rows x up to "
         f"{cfg['max_new_tokens']} tokens (bf16 autocast, hidden states recorded), training steps of "
@@ -122,7 +152,15 @@ def table(report: dict) -> str:
         "", "| phase | before | after | speedup |", "|---|---:|---:|---:|",
         f"| sampling, tokens/s | {s['before']['tok_s']:.1f} | {s['after']['tok_s']:.1f} | {report['sampling_speedup']:.2f}x |",
         f"| training, s/step (best of {cfg['rounds']} rounds of {cfg['steps']}) | {t['before']:.3f} | {t['after']:.3f} "
-        f"| {report['train_speedup']:.2f}x |", ""])
+        f"| {report['train_speedup']:.2f}x |", "",
+        "Teacher signal for training, response tokens/s (fast paths on):", "",
+        "| route | tokens/s |", "|---|---:|",
+        f"| the target samples its own responses (hidden states recorded) | {s['after']['tok_s']:.1f} |",
+        f"| on-policy: the draft samples | {o['draft_sampling']['tok_s']:.1f} |",
+        f"| on-policy: the target's forward over the draft's samples ({cfg['batch_size']} rows a batch) "
+        f"| {o['target_forward']['tok_s']:.1f} |",
+        f"| on-policy, both parts | {o['tok_s']:.1f} ({report['on_policy_vs_target_sampling']:.2f}x the target's "
+        "sampling) |", ""])
 
 
 def main(args: list[str]) -> int:
