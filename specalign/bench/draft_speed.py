@@ -66,8 +66,11 @@ def _sample(target, tok, prompts, config, before: bool):
         recs = _sample_chunk(sampler, prompts, [(i, 0) for i in range(len(prompts))],
                              torch.Generator().manual_seed(config.seed))
         seconds = time.perf_counter() - start
-    tokens = sum(len(r["response_ids"]) for r in recs)
-    return recs, {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
+    return recs, _rate(sum(len(r["response_ids"]) for r in recs), seconds)
+
+
+def _rate(tokens: int, seconds: float) -> dict:
+    return {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
 
 
 def _on_policy(target, draft, tok, prompts, config) -> dict:
@@ -80,14 +83,13 @@ def _on_policy(target, draft, tok, prompts, config) -> dict:
     finally:
         draft.requires_grad_(True)
     recs = [r for r in recs if r["response_ids"]]
-    tokens = sum(len(r["response_ids"]) for r in recs)
     b = config.batch_size
     with torch.no_grad(), autocast_weights(target), torch.autocast("cpu", dtype=torch.bfloat16):
         start = time.perf_counter()
         for i in range(0, len(recs), b):
             response_states(target, target, collate(recs[i:i + b], 0))
         seconds = time.perf_counter() - start
-    forward = {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
+    forward = _rate(sampled["tokens"], seconds)
     both = round(1.0 / (1.0 / sampled["tok_s"] + 1.0 / forward["tok_s"]), 1)
     return {"draft_sampling": sampled, "target_forward": forward, "tok_s": both}
 
