@@ -6,6 +6,8 @@
     specalign run RECIPE [--budget smoke|full]               the weak-to-strong pipeline, resumable
 
 Flags override YAML keys (TrlParser). Input errors print one line ``error: ...`` and exit 2.
+``--data-dir DIR`` (any command) is where named data sets (alpaca_farm_eval, alpaca_farm_100,
+saferlhf) are looked up first; it sets ``$SPECALIGN_DATA``.
 """
 
 from __future__ import annotations
@@ -119,8 +121,33 @@ def decode_main(args: list[str]) -> int:
     return 0
 
 
+def _take_data_dir(argv: list[str]) -> list[str]:
+    """``--data-dir DIR`` / ``--data_dir DIR`` anywhere in argv: checked, exported as $SPECALIGN_DATA, removed."""
+    from .data import ENV
+    out, i = [], 0
+    while i < len(argv):
+        flag, _, value = argv[i].partition("=")
+        if flag in ("--data-dir", "--data_dir"):
+            if not value:
+                if i + 1 >= len(argv):
+                    raise SpecError("--data-dir needs a directory")
+                value, i = argv[i + 1], i + 1
+            if not os.path.isdir(value):
+                raise SpecError(f"--data-dir {value}: not a directory (it should hold alpaca_farm_eval.json, ...)")
+            os.environ[ENV] = os.path.abspath(value)
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _take_data_dir(argv)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0

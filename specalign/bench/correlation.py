@@ -28,7 +28,7 @@ from .common import (RecordingSampler, Recorded, markdown_table, prefix_candidat
 class CorrelationBenchConfig:
     samples: str = field(default="", metadata={"help": "samples.jsonl from `bench spr --work-dir` (else sample here)"})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "model spec (tokenizer, sampling)"})
-    prompts: str = field(default="../shared/data/alpaca_farm_100.json", metadata={"help": "prompt file"})
+    prompts: str = field(default="alpaca_farm_100", metadata={"help": "data set name or prompt file"})
     limit: int = field(default=0, metadata={"help": "first N prompts only (0 = all)"})
     n: int = field(default=32, metadata={"help": "samples per prompt when sampling here"})
     max_new_tokens: int = field(default=128, metadata={"help": "new tokens per response when sampling here"})
@@ -38,7 +38,7 @@ class CorrelationBenchConfig:
     alphas: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9], metadata={"help": "for best-survives"})
     seed: int = field(default=0, metadata={"help": "base seed when sampling here"})
     threads: int = field(default=1, metadata={"help": "torch threads (0 = leave as is)"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16"})
     output_dir: str = field(default="benchmarks/results/correlation", metadata={"help": "where results go"})
 
     def validate(self) -> "CorrelationBenchConfig":

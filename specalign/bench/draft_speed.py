@@ -28,7 +28,7 @@ import torch
 class DraftSpeedConfig:
     target: str = field(default="smollm2-135m-instruct", metadata={"help": "target model spec"})
     draft: str = field(default="layers:0,2,5,10,20,29", metadata={"help": "draft layer choice"})
-    prompts: str = field(default="../shared/data/alpaca_farm_eval.json", metadata={"help": "prompt file"})
+    prompts: str = field(default="alpaca_farm_eval", metadata={"help": "data set name or prompt file"})
     rows: int = field(default=128, metadata={"help": "rows of the sampling batch"})
     first_row: int = field(default=2000, metadata={"help": "where in the length-sorted jobs the batch starts"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per sample"})

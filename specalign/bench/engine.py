@@ -28,8 +28,8 @@ class EngineBenchConfig:
     eos: bool = field(default=True, metadata={"help": "stop rows at EOS (else generate exactly max_new_tokens)"})
     workloads: list[str] = field(default_factory=lambda: ["fan-out", "distinct"], metadata={"help": "fan-out, distinct"})
     repeats: int = field(default=2, metadata={"help": "timed runs per cell (best kept)"})
-    prompts: str = field(default="../shared/data/alpaca_farm_100.json", metadata={"help": "prompt file"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
+    prompts: str = field(default="alpaca_farm_100", metadata={"help": "data set name or prompt file"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16"})
     seed: int = field(default=0, metadata={"help": "seed"})
     threads: int = field(default=0, metadata={"help": "torch threads (0 = torch's default)"})
     clock: str = field(default="wall", metadata={"help": "wall | cpu (process CPU time: robust on a shared "

@@ -27,8 +27,8 @@ import torch
 @dataclass
 class SpeculativeBenchConfig:
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "target model spec"})
-    draft: str = field(default="/work/artifacts/draft-smollm2", metadata={"help": "draft model spec"})
-    prompts: str = field(default="../shared/data/alpaca_farm_100.json", metadata={"help": "prompt file"})
+    draft: str = field(default="outputs/smollm2/draft", metadata={"help": "draft model spec"})
+    prompts: str = field(default="alpaca_farm_100", metadata={"help": "data set name or prompt file"})
     num_prompts: int = field(default=3, metadata={"help": "prompts (the first N of the file)"})
     max_new_tokens: int = field(default=48, metadata={"help": "new tokens per row"})
     gammas: list[int] = field(default_factory=lambda: [1, 2, 4, 6], metadata={"help": "draft tokens per block"})
@@ -38,7 +38,7 @@ class SpeculativeBenchConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus mass"})
     eos: bool = field(default=True, metadata={"help": "rows stop at EOS (else exactly max_new_tokens)"})
     threads: int = field(default=0, metadata={"help": "torch threads (0 = leave as is)"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16"})
     seed: int = field(default=0, metadata={"help": "seed"})
     output_dir: str = field(default="benchmarks/results/speculative", metadata={"help": "where results go"})
 

@@ -43,7 +43,7 @@ from .common import (RecordingSampler, ReplayGenerator, Recorded, expected_best_
 @dataclass
 class SprBenchConfig:
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "target model spec"})
-    prompts: str = field(default="../shared/data/alpaca_farm_100.json", metadata={"help": "prompt file"})
+    prompts: str = field(default="alpaca_farm_100", metadata={"help": "data set name or prompt file"})
     limit: int = field(default=0, metadata={"help": "first N prompts only (0 = all)"})
     tasks: list[str] = field(default_factory=lambda: ["loglik:self", "judge:sentiment"],
                              metadata={"help": "scorer specs, one task each"})
@@ -62,7 +62,7 @@ class SprBenchConfig:
     max_batch_tokens: int = field(default=1_000_000, metadata={"help": "token budget (decision=budget)"})
     seed: int = field(default=0, metadata={"help": "base seed; each prompt has its own stream"})
     threads: int = field(default=1, metadata={"help": "torch threads (0 = leave as is)"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16"})
     output_dir: str = field(default="benchmarks/results/spr", metadata={"help": "results.json, table.md, plots"})
     work_dir: str = field(default="", metadata={"help": "per-prompt records (resumable) and samples.jsonl"})
     aggregate_only: bool = field(default=False, metadata={"help": "report the prompts in --work-dir, run no new ones"})

@@ -46,7 +46,7 @@ class W2SBenchConfig:
     dpo: str | None = field(default=None, metadata={"help": "DPO adapter dir on the draft: Qr (Q0 = its base)"})
     value: str | None = field(default=None, metadata={"help": "value-head model dir (value:DIR scorer)"})
     judge: str = field(default="judge:sentiment", metadata={"help": "gold judge (scorer spec)"})
-    prompts: str = field(default="/work/shared/data/alpaca_farm_100.json", metadata={"help": "held-out prompts"})
+    prompts: str = field(default="alpaca_farm_100", metadata={"help": "held-out prompts"})
     limit: int = field(default=8, metadata={"help": "first N prompts (0 = all)"})
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS), metadata={"help": "methods to run"})
     max_new_tokens: int = field(default=48, metadata={"help": "new tokens per response"})
@@ -63,7 +63,7 @@ class W2SBenchConfig:
     max_batch_tokens: int = field(default=1_000_000, metadata={"help": "token budget"})
     seed: int = field(default=0, metadata={"help": "base seed; every prompt has its own stream"})
     threads: int = field(default=0, metadata={"help": "torch threads (0 = leave as is)"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16"})
     output_dir: str = field(default="benchmarks/results/w2s", metadata={"help": "results.json, table.md, frontier.png"})
 
     def validate(self) -> "W2SBenchConfig":

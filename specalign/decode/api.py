@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
 from ..errors import SpecError
-from ..models.loading import chat_prompt, load_model, load_tokenizer
+from ..models.loading import chat_prompt, clock, load_model, load_tokenizer
 from ..models.scorers import Scorer, build_scorer
 from .best_of_n import BestOfN
 from .generators import Generator, SamplingGenerator
@@ -49,8 +48,8 @@ class DecodeConfig:
     stop: list[str] = field(default_factory=list, metadata={"help": "stop strings"})
     max_batch_tokens: int = field(default=32768, metadata={"help": "rows x tokens per forward batch"})
     chat: bool = field(default=True, metadata={"help": "wrap prompts in the chat template"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
-    device: str = field(default="cpu", metadata={"help": "cpu | cuda[:N]"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available, else CPU) | cpu | cuda[:N]"})
     out: str | None = field(default=None, metadata={"help": "output JSONL file"})
     return_candidates: bool = field(default=False, metadata={"help": "keep every candidate with its score"})
     truncate: bool = field(default=False, metadata={"help": "left-truncate prompts too long for the context "
@@ -207,9 +206,9 @@ class Decoder:
         self.generator.reset_cost()
         if self.scorer is not None:
             self.scorer.cost = type(self.scorer.cost)()
-        start = time.perf_counter()
+        start = clock()
         result = self.selector.run(self.generator, self.scorer, prompt, ids, rng)
-        wall = time.perf_counter() - start
+        wall = clock() - start
         best = result["candidates"][result["best"]]
         record = {
             "index": index,

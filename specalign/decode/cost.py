@@ -7,9 +7,10 @@ rejected speculative positions included: that is the compute spent). FLOPs are e
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from ..models.loading import clock
 
 
 @dataclass
@@ -25,13 +26,13 @@ class ModelCost:
 
     @contextmanager
     def forward(self, positions: int):
-        start = time.perf_counter()
+        start = clock()
         try:
             yield
         finally:
             self.positions += int(positions)
             self.calls += 1
-            self.wall_s += time.perf_counter() - start
+            self.wall_s += clock() - start
 
     def add(self, other: "ModelCost") -> None:
         self.params = self.params or other.params

@@ -1,5 +1,6 @@
-"""Prompt sources: one text, a JSON list / JSON list of objects / JSONL with a ``prompt`` field, or
-a datasets spec ``hf:NAME[:SPLIT[:COLUMN]]`` (local or cached offline)."""
+"""Prompt sources: one text, a named data set (``alpaca_farm_eval``, ``alpaca_farm_100``: see
+``specalign.data``), a JSON list / JSON list of objects / JSONL with a ``prompt`` field, or a
+datasets spec ``hf:NAME[:SPLIT[:COLUMN]]`` (local or cached offline)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,19 @@ def load_prompts(prompt: str | None = None, prompts: str | None = None, limit: i
         return [_field(prompt, "--prompt")]
     if prompts is None:
         raise SpecError("no prompts: pass --prompt TEXT or --prompts FILE")
-    if prompts.startswith("hf:"):
+    from ..data import DATASETS, is_named, load_named
+    if is_named(prompts):
+        if DATASETS[prompts].kind != "prompts":
+            raise SpecError(f"data set '{prompts}' holds preference pairs, not prompts: use "
+                            f"{', '.join(k for k, v in DATASETS.items() if v.kind == 'prompts')}")
+        out = [_field(row, f"{prompts} row {i}") for i, row in enumerate(load_named(prompts))]
+    elif prompts.startswith("hf:"):
         out = _from_datasets(prompts)
     else:
         path = Path(prompts)
         if not path.is_file():
-            raise SpecError(f"prompts file not found: {prompts} (check the path)")
+            raise SpecError(f"prompts file not found: {prompts} (check the path, or use a data set name: "
+                            f"{', '.join(k for k, v in DATASETS.items() if v.kind == 'prompts')})")
         text = path.read_text(encoding="utf-8")
         if not text.strip():
             raise SpecError(f"prompts file {prompts} is empty: add prompts (JSON list or JSONL with 'prompt')")

@@ -64,6 +64,12 @@ def sample(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> 
     return sample_from(logprobs.exp(), generator)
 
 
+def uniform(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """Uniforms drawn on the generator's device (a CPU stream serves a CUDA batch: same seed, same draws)."""
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, dtype=dtype, device=where).to(device)
+
+
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of unnormalised non-negative weights (B, V) -> (B,).
 
@@ -71,5 +77,5 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -
     ``torch.multinomial`` (an exponential draw per vocabulary entry) costs ~140 ms on this CPU. A token of
     weight 0 is never drawn (the first cumulative weight strictly above u is taken)."""
     cum = probs.to(torch.float64).cumsum(-1)
-    u = torch.rand(cum.shape[0], 1, generator=generator, dtype=torch.float64, device=cum.device) * cum[:, -1:]
+    u = uniform((cum.shape[0], 1), generator, cum.device, torch.float64) * cum[:, -1:]
     return torch.searchsorted(cum, u, right=True).squeeze(-1).clamp_(max=cum.shape[-1] - 1)

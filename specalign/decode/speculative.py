@@ -32,7 +32,7 @@ import torch
 from ..errors import SpecError
 from .engine import LMState
 from .generators import Generator, eos_ids_of
-from .sampling import SamplingParams, processed_logprobs, sample, sample_from
+from .sampling import SamplingParams, processed_logprobs, sample, sample_from, uniform
 
 
 # -- compatibility ---------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def speculative_verify(target_probs: torch.Tensor, draft_probs: torch.Tensor, dr
     batch, gamma = drafts.shape
     p_y = target_probs[:, :gamma].gather(2, drafts[..., None]).squeeze(2)
     q_y = draft_probs.gather(2, drafts[..., None]).squeeze(2)
-    u = torch.rand(batch, gamma, generator=rng, device=drafts.device)
+    u = uniform((batch, gamma), rng, drafts.device)
     accepted = u * q_y < p_y                                   # u < p/q, without dividing
     n = accepted.long().cumprod(1).sum(1)
     # residual at the first rejection; after gamma acceptances q is 0, so max(0, p - 0) = p_{gamma+1}

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,28 +157,42 @@ def prepare_tokenizer(tok):
     return tok
 
 
-def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def torch_dtype(dtype: str | torch.dtype, device: str = "auto") -> torch.dtype:
+    """``auto``: bfloat16 on CUDA, float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if check_device(device).startswith("cuda") else torch.float32
     if dtype not in DTYPES:
-        raise SpecError(f"unknown dtype '{dtype}': use one of float32, bfloat16, float16")
+        raise SpecError(f"unknown dtype '{dtype}': use one of auto, float32, bfloat16, float16")
     return DTYPES[dtype]
 
 
-def check_device(device: str) -> str:
+def clock() -> float:
+    """``time.perf_counter()`` once the GPU has finished its queued work (asynchronous kernels would
+    otherwise be charged to whoever reads the clock next). Every cost timer reads this clock."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def check_device(device: str = "auto") -> str:
+    """A device name ready for ``.to()``; ``auto`` is CUDA when available, else CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError(f"device {device} requested but CUDA is not available: use --device cpu")
     if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
-        raise SpecError(f"unknown device '{device}': use cpu or cuda[:N]")
+        raise SpecError(f"unknown device '{device}': use auto, cpu or cuda[:N]")
     return device
 
 
-def load_model(spec: str | ResolvedSpec, dtype: str | torch.dtype = "float32", device: str = "cpu",
+def load_model(spec: str | ResolvedSpec, dtype: str | torch.dtype = "auto", device: str = "auto",
                adapter: bool = True):
     """Load a causal LM in eval mode. A PEFT adapter dir gives a ``PeftModel`` (``adapter=False``: base only)."""
     from transformers import AutoModelForCausalLM
     resolved = spec if isinstance(spec, ResolvedSpec) else resolve(spec)
-    device, dtype = check_device(device), torch_dtype(dtype)
+    device, dtype = check_device(device), torch_dtype(dtype, device)
     model = _from_pretrained(AutoModelForCausalLM, resolved, _ensure_local_copy(resolved), dtype=dtype)
     if resolved.adapter and adapter:
         from peft import PeftModel

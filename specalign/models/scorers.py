@@ -22,12 +22,12 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import SpecError
+from .loading import clock
 
 
 @dataclass
@@ -68,10 +68,10 @@ class Scorer(ABC):
     def __call__(self, candidates: list[Candidate]) -> list[float]:
         if not candidates:
             return []
-        start = time.perf_counter()
+        start = clock()
         scores = [float(s) for s in self._score(candidates)]
         self.cost.calls += 1
-        self.cost.wall_s += time.perf_counter() - start
+        self.cost.wall_s += clock() - start
         if len(scores) != len(candidates):
             raise SpecError(f"scorer {self.name} returned {len(scores)} scores for {len(candidates)} responses: "
                             "it must return one score per response")
@@ -187,14 +187,14 @@ class ModelLogLikelihood(Scorer):
 class RewardModelScorer(Scorer):
     """A sequence-classification reward model with its own tokenizer and chat template."""
 
-    def __init__(self, spec: str, dtype="float32", device="cpu", **kw):
+    def __init__(self, spec: str, dtype="auto", device="auto", **kw):
         super().__init__(**kw)
         from transformers import AutoModelForSequenceClassification
         from .loading import _ensure_local_copy, _from_pretrained, check_device, load_tokenizer, resolve, torch_dtype
         self.name = f"rm:{spec}"
         resolved = resolve(spec)
         self.model = _from_pretrained(AutoModelForSequenceClassification, resolved, _ensure_local_copy(resolved),
-                                      dtype=torch_dtype(dtype))
+                                      dtype=torch_dtype(dtype, device))
         self.model.to(check_device(device)).eval()
         self.tokenizer = load_tokenizer(resolved)
         if self.model.config.pad_token_id is None:
@@ -250,7 +250,7 @@ SCORER_HELP = ("judge:sentiment, judge:inoffensive, loglik:self, loglik:MODEL, r
                "python:module:function")
 
 
-def build_scorer(spec, *, generator_model=None, generator_tokenizer=None, dtype="float32", device="cpu",
+def build_scorer(spec, *, generator_model=None, generator_tokenizer=None, dtype="auto", device="auto",
                  max_batch_tokens: int = 16384) -> Scorer:
     """Scorer from a spec string (see module doc), or wrap a Python callable / pass a Scorer through."""
     if isinstance(spec, Scorer):

@@ -70,7 +70,7 @@ class ValueHeadModel(nn.Module):
         (directory / VALUE_FILE).write_text(json.dumps(self.describe(), indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory, dtype="float32", device: str = "cpu") -> "ValueHeadModel":
+    def from_pretrained(cls, directory, dtype="auto", device: str = "auto") -> "ValueHeadModel":
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
 
@@ -88,7 +88,7 @@ class ValueHeadModel(nn.Module):
         if missing or unexpected:
             raise SpecError(f"value model {directory} does not match its config (missing {missing[:2]}, unexpected "
                             f"{unexpected[:2]}): re-save it with `specalign train value`")
-        model.to(device=check_device(device), dtype=torch_dtype(dtype)).eval()
+        model.to(device=check_device(device), dtype=torch_dtype(dtype, device)).eval()
         model.requires_grad_(False)
         return model
 
@@ -139,7 +139,7 @@ class ValueScorer(Scorer):
     (checked by re-encoding the prompt once); otherwise the texts are re-tokenized.
     """
 
-    def __init__(self, directory: str, dtype="float32", device: str = "cpu", max_batch_tokens: int = 16384):
+    def __init__(self, directory: str, dtype="auto", device: str = "auto", max_batch_tokens: int = 16384):
         super().__init__(max_batch_tokens=max_batch_tokens)
         from .loading import prepare_tokenizer
         from transformers import AutoTokenizer

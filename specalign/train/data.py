@@ -9,8 +9,8 @@ A preference row, as the ``preferences`` step writes it and as DPO / reward trai
      "score_chosen": 0.8, "score_rejected": -0.1}          # scores kept when known
 
 ``load_preferences(source, columns)`` reads a directory written by ``specalign train preferences``
-(``data.jsonl``), a JSON / JSONL file, or ``hf:NAME[:SPLIT]``; ``columns`` maps names, e.g.
-``chosen=real,rejected=generated`` for ``saferlhf_200.jsonl``. Rows may be conversational with the
+(``data.jsonl``), a JSON / JSONL file, a named data set (``saferlhf``, see ``specalign.data``) or
+``hf:NAME[:SPLIT]``; ``columns`` maps names, e.g. ``chosen=real,rejected=generated``. Rows may be conversational with the
 prompt inside chosen/rejected (implicit prompt: the shared leading messages become the prompt) or
 plain strings (``prompt`` / ``chosen`` / ``rejected`` texts).
 """
@@ -41,6 +41,9 @@ def parse_columns(spec: str | None) -> dict[str, str]:
 
 
 def _read_rows(source: str) -> list[dict]:
+    from ..data import is_named, load_named
+    if is_named(source):
+        return load_named(source)
     if source.startswith("hf:"):
         parts = source[3:].split(":")
         try:

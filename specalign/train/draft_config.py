@@ -20,12 +20,12 @@ class DraftConfig(StepArgs, TrainingArguments):
     target: str = field(default="smollm2-135m-instruct", metadata={"help": "target model spec (the teacher)"})
     draft: str = field(default="spread:6", metadata={
         "help": "first:K | spread:K | layers:I,J,... (cut from the target) or a model spec of the same vocabulary"})
-    prompts: str = field(default="/work/shared/data/alpaca_farm_eval.json",
+    prompts: str = field(default="alpaca_farm_eval",
                          metadata={"help": "training prompts (JSON list / JSONL with 'prompt', hf:NAME)"})
-    exclude_prompts: str | None = field(default="/work/shared/data/alpaca_farm_100.json",
+    exclude_prompts: str | None = field(default="alpaca_farm_100",
                                         metadata={"help": "prompts to hold out of training (e.g. benchmark prompts)"})
     limit: int = field(default=0, metadata={"help": "use at most N training prompts (0 = all)"})
-    eval_prompts: str | None = field(default="/work/shared/data/alpaca_farm_100.json",
+    eval_prompts: str | None = field(default="alpaca_farm_100",
                                      metadata={"help": "held-out prompts for the acceptance report"})
     eval_limit: int = field(default=50, metadata={"help": "held-out prompts used (0 = all)"})
     eval_before: bool = field(default=True, metadata={"help": "also measure the draft's acceptance before training"})

@@ -4,7 +4,7 @@ A pipeline recipe (``recipes/smollm2/weak_to_strong.yaml``) lists steps; each st
 step's own YAML config (the keys ``specalign train STEP --config`` or ``specalign bench w2s --config``
 take), so every key is checked by the step itself:
 
-    output_dir: /work/artifacts/w2s-smollm2     # the run's root (--output-dir overrides it)
+    output_dir: outputs/smollm2/w2s         # the run's root (--output-dir overrides it)
     steps:
       draft:        {target: ..., draft: spread:6, ...}
       preferences:  {policy: ${draft}, scorer: judge:sentiment, ...}

@@ -16,8 +16,8 @@ class PreferencesConfig:
     policy: str = field(default="", metadata={"help": "model spec that samples the responses (e.g. the draft dir)"})
     scorer: str = field(default="judge:sentiment", metadata={"help": "scorer spec (judge:..., rm:DIR, value:DIR, "
                                                                     "python:mod:fn, loglik:MODEL)"})
-    prompts: str = field(default="/work/shared/data/alpaca_farm_eval.json", metadata={"help": "prompt source"})
-    exclude_prompts: str | None = field(default="/work/shared/data/alpaca_farm_100.json",
+    prompts: str = field(default="alpaca_farm_eval", metadata={"help": "prompt source"})
+    exclude_prompts: str | None = field(default="alpaca_farm_100",
                                         metadata={"help": "prompts to leave out (held-out benchmark prompts)"})
     limit: int = field(default=0, metadata={"help": "use at most N prompts (0 = all)"})
     max_prompt_tokens: int = field(default=256, metadata={"help": "drop longer prompts (0 = keep all)"})
@@ -36,8 +36,8 @@ class PreferencesConfig:
     columns: str | None = field(default=None, metadata={"help": "column mapping, e.g. chosen=real,rejected=generated"})
     rescore: bool = field(default=False, metadata={"help": "with from_data: score chosen/rejected with the scorer"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
-    dtype: str = field(default="float32", metadata={"help": "policy / scorer dtype"})
-    device: str = field(default="cpu", metadata={"help": "cpu | cuda[:N]"})
+    dtype: str = field(default="auto", metadata={"help": "policy / scorer dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available, else CPU) | cpu | cuda[:N]"})
     work_dir: str | None = field(default=None, metadata={"help": "sample cache, reused when a run restarts "
                                                                  "(default: OUT.work)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT"})
