@@ -25,7 +25,9 @@ def dpo_config(setup, out, **kw):
     base = dict(output_dir=str(out), draft=setup["draft"], preferences=setup["prefs"],
                 columns="prompt=question,chosen=good,rejected=bad", eval_fraction=0.25, learning_rate=5e-3,
                 max_steps=24, per_device_train_batch_size=4, lora_r=8, lora_alpha=16, beta=0.1, logging_steps=1000,
-                save_steps=1000, torch_threads=1, seed=0, disable_tqdm=True, max_length=128)
+                save_steps=1000, torch_threads=1, seed=0, disable_tqdm=True, max_length=128,
+                judge="python:specalign.train.pipeline:vowel_judge", eval_samples=8, eval_max_new_tokens=24,
+                train_sampling_strategy="group_by_length")
     base.update(kw)
     return DPOStepConfig(**base)
 
@@ -48,6 +50,17 @@ def test_dpo_raises_margin_and_trains_the_adapter_only(setup, tmp_path):
     for split in ("train", "held_out"):
         assert result["after"][split]["mean_margin"] > result["before"][split]["mean_margin"] + 5.0, result
     assert result["after"]["held_out"]["accuracy"] >= result["before"]["held_out"]["accuracy"]
+    # DPO's implicit reward beta log(qr/q0) orders the held-out pairs (it is 0 on every pair before training)
+    assert result["precompute_ref_log_probs"] is True
+    assert result["implicit_reward"]["held_out"]["accuracy"] == 1.0
+    assert result["implicit_reward"]["held_out"]["mean_margin"] > 0.5
+    # the gold comparison: Qr and Q0 sample on the 10 held-out prompts with the same seeds; Qr writes more vowels (more "a")
+    gold = result["gold"]
+    assert gold["prompts"] == 10 and gold["samples_per_prompt"] == 8 and gold["aligned"]["n"] == 10
+    d = gold["aligned_minus_unaligned"]
+    assert d["diff"] == pytest.approx(gold["aligned"]["mean"] - gold["unaligned"]["mean"])
+    assert d["n"] == 10 and d["se"] > 0 and d["diff"] > 0
+    assert json.loads((out / "dpo_report.json").read_text())["gold"] == json.loads(json.dumps(gold))
     assert result["train_steps"] == 24 and result["held_out_pairs"] == 10
     # output: an adapter directory naming the draft as its base
     files = {p.name for p in out.iterdir()}

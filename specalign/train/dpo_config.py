@@ -24,12 +24,19 @@ class DPOStepConfig(StepArgs, DPOConfig):
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "all-linear or q_proj,v_proj,..."})
     dtype: str = field(default="float32", metadata={"help": "draft weights dtype"})
+    judge: str = field(default="", metadata={"help": "gold scorer (e.g. judge:sentiment): after training, the aligned "
+                                                  "and the unaligned draft each sample on the held-out pairs' prompts "
+                                                  "with the same seeds and the judge scores both ('' = skip)"})
+    eval_samples: int = field(default=4, metadata={"help": "samples per held-out prompt for the gold comparison"})
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "new tokens per gold-comparison sample"})
+    eval_batch_rows: int = field(default=32, metadata={"help": "rows per sampling batch of the gold comparison"})
     # DPOConfig defaults that suit a small draft on any hardware
     learning_rate: float = 5e-5
     beta: float = 0.1
     bf16: bool | None = False
     gradient_checkpointing: bool = False
     max_length: int | None = 512
+    precompute_ref_log_probs: bool = True  # one reference pass (adapter disabled) before training, none per step
     per_device_train_batch_size: int = 4
     num_train_epochs: float = 1.0
     logging_steps: float = 5
@@ -46,6 +53,8 @@ class DPOStepConfig(StepArgs, DPOConfig):
             raise SpecError("output_dir is required: set output_dir in the recipe or pass --output_dir DIR")
         if self.lora_r < 1:
             raise SpecError(f"lora_r must be >= 1, got {self.lora_r}")
+        if self.judge and (self.eval_samples < 1 or self.eval_max_new_tokens < 1 or self.eval_batch_rows < 1):
+            raise SpecError("eval_samples, eval_max_new_tokens and eval_batch_rows must be >= 1")
         return self
 
     def lora_config(self):

@@ -1,6 +1,10 @@
-"""Measurements the steps report: response log-probs of preference pairs under a causal LM."""
+"""Measurements the steps report: response log-probs of preference pairs under a causal LM, and means
+with standard errors over prompts (``mean_se``, ``paired``)."""
 
 from __future__ import annotations
+
+import math
+import statistics
 
 import torch
 
@@ -38,10 +42,35 @@ def sequence_logps(model, prompts: list[list[int]], responses: list[list[int]], 
     return out
 
 
-def pair_margins(model, tokenizer, rows: list[dict]) -> list[float]:
-    """log q(chosen) - log q(rejected) per preference row."""
+def pair_logps(model, tokenizer, rows: list[dict]) -> tuple[list[float], list[float]]:
+    """(log q(chosen), log q(rejected)) per preference row."""
     ids = pair_ids(tokenizer, rows)
     pad = tokenizer.pad_token_id or 0
     lc = sequence_logps(model, [p for p, _, _ in ids], [c for _, c, _ in ids], pad)
     lr = sequence_logps(model, [p for p, _, _ in ids], [j for _, _, j in ids], pad)
+    return lc, lr
+
+
+def pair_margins(model, tokenizer, rows: list[dict]) -> list[float]:
+    """log q(chosen) - log q(rejected) per preference row."""
+    lc, lr = pair_logps(model, tokenizer, rows)
     return [a - b for a, b in zip(lc, lr)]
+
+
+def mean_se(values) -> dict:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n); NaN below 2 values)."""
+    values = [float(v) for v in values]
+    if not values:
+        return {"mean": float("nan"), "se": float("nan"), "n": 0}
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return {"mean": statistics.fmean(values), "se": se, "n": len(values)}
+
+
+def paired(a, b) -> dict:
+    """Paired difference a - b over the same units (prompts): its mean, standard error and t = mean / se."""
+    a, b = list(a), list(b)
+    if len(a) != len(b):
+        raise ValueError(f"paired difference needs equal lengths, got {len(a)} and {len(b)}")
+    d = mean_se([x - y for x, y in zip(a, b)])
+    t = d["mean"] / d["se"] if d["se"] and math.isfinite(d["se"]) else float("nan")
+    return {"diff": d["mean"], "se": d["se"], "t": t, "n": d["n"]}
