@@ -158,12 +158,14 @@ def test_bench_spr_and_correlation_end_to_end(tiny_dir, tmp_path):
     out, work = tmp_path / "spr", tmp_path / "work"
     args = ["--model", tiny_dir, "--prompts", str(prompts), "--bon-n", "8", "--max-new-tokens", "6",
             "--tasks", "loglik:self", "judge:inoffensive", "--spr", "8:0.5:tokens:2",
-            "--simulate", "8:0.0:tokens:2", "4:0.5:tokens:2", "--bon-direct", "4", "--output-dir", str(out), "--work-dir", str(work),
+            "--simulate", "8:0.0:tokens:2", "4:0.5:tokens:2", "8:0.5:tokens:2", "--bon-direct", "4",
+            "--rankers", "task", "oracle:2", "--output-dir", str(out), "--work-dir", str(work),
             "--threads", "0"]
     assert spr.main(args) == 0
     report = json.loads((out / "results.json").read_text())
     assert (out / "curve.png").stat().st_size > 5000 and (out / "curve_wall.png").is_file()
-    assert "SpR (replayed)" in (out / "table.md").read_text()
+    assert "SpR (replayed, task)" in (out / "table.md").read_text()
+    assert "SpR (replayed, oracle:2)" in (out / "table.md").read_text()
     records = [json.loads(x) for x in (work / "records.jsonl").read_text().splitlines()]
     assert len(records) == 2 and report["prompts"] == 2
     task = report["tasks"]["loglik:self"]
@@ -181,6 +183,27 @@ def test_bench_spr_and_correlation_end_to_end(tiny_dir, tmp_path):
     assert zero["mean_score"] == pytest.approx(bon[8]["mean_score"])
     assert zero["compute"]["target_positions"] == pytest.approx(full)
     assert zero["speedup"]["value"] == pytest.approx(1.0)
+    # per ranker: the oracle replays every entry too; at alpha = 0 it is Best-of-8 as well; its continuations
+    # are counted apart (oracle_cost), not in the method's positions; standard errors over the 2 prompts
+    oracle = [m for m in methods if m.get("ranker") == "oracle:2"]
+    assert len(oracle) == 3
+    zero_o = next(m for m in oracle if m["params"]["alpha"] == 0.0)
+    assert zero_o["mean_score"] == pytest.approx(bon[8]["mean_score"])
+    assert zero_o["compute"]["target_positions"] == pytest.approx(full)
+    assert task["oracle_cost"]["oracle:2"]["target_positions"] > 0
+    assert task["oracle_cost"]["oracle:2"]["target_positions"] == pytest.approx(
+        sum(r["simulated"][f"loglik:self|{e}|oracle:2"]["oracle_positions"] for r in records
+            for e in ("8:0.0:tokens:2", "4:0.5:tokens:2", "8:0.5:tokens:2")) / 2)
+    terms = [100 * (1 + (max(r["bon"]["scores"]["loglik:self"]) - b) / (b - w)) for r in records
+             for b, w in [(expected_best_of(r["bon"]["scores"]["loglik:self"], 2),
+                           expected_worst_of(r["bon"]["scores"]["loglik:self"], 2))]]
+    assert bon[8]["se"]["improvement_score"] == pytest.approx(abs(terms[0] - terms[1]) / 2)
+    paired = task["replay_minus_measured"]
+    assert [d["entry"] for d in paired] == ["8:0.5:tokens:2"]
+    measured_pt = next(m for m in methods if m["method"] == "spec-rejection" and not m["simulated"])
+    replayed_pt = next(m for m in methods if m["simulated"] and m["ranker"] == "task"
+                       and m["params"]["n"] == 8 and m["params"]["alpha"] == 0.5)
+    assert paired[0]["score_diff"] == pytest.approx(replayed_pt["mean_score"] - measured_pt["mean_score"])
     direct = next(m for m in methods if m["params"].get("direct"))
     assert direct["params"]["n"] == 4 and direct["wall_s"] > 0
     assert direct["mean_score"] == pytest.approx(

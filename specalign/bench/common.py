@@ -7,6 +7,8 @@
   smallest reference Best-of-N (DESIGN.md); prompts whose reference spread is 0 are left out and counted.
 - ``reference_compute_for`` / ``speedup``: the compute Best-of-N needs for a score, log-linear
   interpolation between the two curve points around it; outside the curve the answer is a bound.
+- ``improvement_terms`` / ``mean_se``: per-prompt improvement terms and a mean with its standard error
+  over prompts; ``bootstrap_speedup``: the speedup's standard error (prompts resampled).
 - ``markdown_table``, ``write_results`` (results.json + table.md), ``plot_score_vs_compute`` (log x).
 - ``RecordingSampler``: plain sampling that also keeps each token's log-prob, and
   ``ReplayGenerator``: the same rows replayed token by token with the engine's cost rule, so a
@@ -59,6 +61,50 @@ def improvement_score(method, ref_best, ref_worst) -> tuple[float, int]:
     if not terms:
         return float("nan"), 0
     return 100.0 * (1.0 + sum(terms) / len(terms)), len(terms)
+
+
+def improvement_terms(method, ref_best, ref_worst) -> list[float | None]:
+    """Per prompt: 100 x (1 + (method - best0) / (best0 - worst0)), None where the reference spread is 0.
+    Their mean over the non-None prompts is ``improvement_score``."""
+    return [100.0 * (1.0 + (m - b) / (b - w)) if b - w > 1e-12 else None for m, b, w in zip(method, ref_best, ref_worst)]
+
+
+def mean_se(xs) -> tuple[float, float]:
+    """(mean, standard error of the mean) of the non-None values; SE NaN below two values."""
+    vals = [float(x) for x in xs if x is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) / len(vals))
+
+
+def bootstrap_speedup(method_best, method_cost, curve: list[tuple[list[float], list[float]]], ref_best, ref_worst,
+                      resamples: int = 400, seed: int = 0) -> float:
+    """Standard error over prompts of ``speedup`` (bootstrap: resample whole prompts, recompute the
+    Best-of-N curve, the method's improvement score and both costs). ``curve`` = [(per-prompt best
+    score, per-prompt cost)] per curve point; the other arguments are per-prompt lists."""
+    import random
+    rnd = random.Random(seed)
+    n = len(method_best)
+    if n < 2:
+        return float("nan")
+    values = []
+    for _ in range(resamples):
+        pick = [rnd.randrange(n) for _ in range(n)]
+        sub = lambda xs: [xs[i] for i in pick]  # noqa: E731
+        rb, rw = sub(ref_best), sub(ref_worst)
+        imp, used = improvement_score(sub(method_best), rb, rw)
+        if not used:
+            continue
+        ref_c = [sum(sub(c)) / n for _, c in curve]
+        ref_s = [improvement_score(sub(b), rb, rw)[0] for b, _ in curve]
+        values.append(speedup(imp, sum(sub(method_cost)) / n, ref_c, ref_s)["value"])
+    if len(values) < 2:
+        return float("nan")
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def reference_compute_for(score: float, compute, scores) -> tuple[float, str]:
