@@ -6,7 +6,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -36,10 +35,11 @@ def smollm2():
 
 
 @pytest.fixture
-def shared_data():
-    path = SHARED / "data"
-    if not path.is_dir():
-        pytest.skip("../shared/data not present")
+def named_data(tmp_path_factory, monkeypatch):
+    """Synthetic local copies of the named data sets, with $SPECALIGN_DATA pointing at them."""
+    from specalign.train.testing import write_named_data
+    path = write_named_data(tmp_path_factory.mktemp("data"))
+    monkeypatch.setenv("SPECALIGN_DATA", path)
     return path
 
 

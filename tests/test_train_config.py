@@ -67,9 +67,9 @@ def test_every_smollm2_recipe_parses_for_its_step():
         step = recipe_step(path)
         (cfg,) = parse_config([CONFIGS[step]], ["--config", str(path)], f"specalign train {step}")
         cfg.validate()
-        assert cfg.output_dir.startswith("/work/artifacts/")
+        assert cfg.output_dir.startswith("outputs/smollm2/")
     (draft,) = parse_config([DraftConfig], ["--config", str(ROOT / "recipes/smollm2/draft.yaml")], "draft")
-    assert draft.output_dir == "/work/artifacts/draft-smollm2" and draft.draft == "layers:0,2,5,10,20,29"
+    assert draft.output_dir == "outputs/smollm2/draft" and draft.draft == "layers:0,2,5,10,20,29"
     assert (draft.teacher, draft.loss, draft.tvd_fraction, draft.samples_per_prompt) == ("hidden", "kl", 0.25, 4)
     assert draft.freeze_embeddings and draft.sample_autocast
     # the weak-to-strong pipeline's draft step is the same recipe (it reuses that output directory)

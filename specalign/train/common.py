@@ -87,12 +87,12 @@ def work_dir_of(args) -> Path:
 
 
 def setup_step(args) -> Path:
-    """Check the output dir, make the work dir, set threads; returns the work dir."""
+    """Check the output dir, make the work dir (and the output's parent folders), set threads; returns the work dir."""
     out = Path(args.output_dir)
     if out.exists() and not args.overwrite and not getattr(args, "resume", False):
         raise SpecError(f"output {out} already exists: pass --overwrite true to replace it, or another --output_dir")
-    if not out.parent.exists():
-        raise SpecError(f"output_dir {out}: directory {out.parent} does not exist; create it first")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise SpecError(f"output_dir {out}: {out.parent} is a file, not a directory: choose another --output_dir")
     if args.torch_threads and args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     if world_size() > 1:

@@ -72,3 +72,21 @@ def ab_preferences(path, prompts: list[str], length: int = 16, seed: int = 0) ->
             rejected = ab_text(rng, 0.15, length)
             fh.write(json.dumps({"question": prompt, "good": chosen, "bad": rejected}) + "\n")
     return str(path)
+
+
+def write_named_data(directory) -> str:
+    """Synthetic local copies of the named data sets (``specalign.data``) in ``directory``: 805
+    template prompts as ``alpaca_farm_eval.json`` and 12 conversation pairs as ``saferlhf_200.jsonl``
+    (chosen mostly 'a', rejected mostly 'b'). Point ``$SPECALIGN_DATA`` at it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    prompts = template_prompts(805)
+    (directory / "alpaca_farm_eval.json").write_text(json.dumps([{"JSON_idx": i, "prompt": p}
+                                                                 for i, p in enumerate(prompts)]))
+    rng = random.Random(0)
+    with open(directory / "saferlhf_200.jsonl", "w") as fh:
+        for prompt in template_prompts(12, offset=805):
+            user = {"role": "user", "content": prompt}
+            fh.write(json.dumps({"real": [user, {"role": "assistant", "content": ab_text(rng, 0.85, 16)}],
+                                 "generated": [user, {"role": "assistant", "content": ab_text(rng, 0.15, 16)}]}) + "\n")
+    return str(directory)
