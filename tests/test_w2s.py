@@ -148,3 +148,110 @@ def test_compositions_through_the_decode_api(models):
                                                            tok(rec["response"], add_special_tokens=False)[
                                                                "input_ids"] + ([2] if rec["finish_reason"] == "eos"
                                                                                else [])), abs=2e-4)
+
+
+# -- specalign bench w2s on tiny models ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def study_models(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from specalign.train.testing import prompt_file, save_tiny_model
+    root = tmp_path_factory.mktemp("w2s-study")
+    target = save_tiny_model(root / "target", num_layers=2, init_scale=8.0, seed=0)
+    draft = save_tiny_model(root / "draft", num_layers=1, init_scale=8.0, seed=0)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(draft),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 2.0)
+    peft.save_pretrained(root / "dpo", save_embedding_layers=False)
+    prompts = prompt_file(root / "prompts.json", ["hi there", "tell me a story", "why is the sky blue"])
+    return {"root": root, "target": target, "dpo": str(root / "dpo"), "prompts": prompts}
+
+
+def study_config(m, out, **kw):
+    from specalign.bench.w2s import W2SBenchConfig
+    base = dict(model=m["target"], dpo=m["dpo"], judge="python:specalign.train.pipeline:vowel_judge",
+                prompts=m["prompts"], limit=0, max_new_tokens=10, bon_n=8, draft_samples=4, sss_bon_n=2,
+                shift_lambdas=[0.0, 3.0], shift_lambda=3.0, n=4, alpha=0.5, decision="tokens:4", gamma=3,
+                methods=["sample", "best-of-n", "draft", "sss", "best-of-n+sss", "spr-judge", "spr+sss-implicit",
+                         "spr-target-value"], threads=1, output_dir=str(out))
+    base.update(kw)
+    return W2SBenchConfig(**base)
+
+
+def test_bench_w2s_costs_pairs_and_resumes(study_models, tmp_path):
+    import json as _json
+    import statistics
+
+    from specalign.bench.common import expected_best_of
+    from specalign.bench.w2s import run, write
+    out = tmp_path / "study"
+    report = run(study_config(study_models, out))
+    write(report, out)
+    agg, recs = report["results"], report["per_prompt"]
+    assert report["prompts"] == 3 and report["skipped"] == {"spr-target-value": "no --target-value head"}
+    rows = {m["label"]: m for m in agg["methods"]}
+    assert set(rows) == {"sample", "best-of-n N=1", "best-of-n N=2", "best-of-n N=4", "best-of-n N=8", "draft",
+                         "sss lambda=0", "sss lambda=3", "best-of-n+sss N=1", "best-of-n+sss N=2",
+                         "spr-judge a=0.5", "spr+sss-implicit"}
+    # the aligned draft alone costs no target compute; SSS and the SSS selectors do
+    assert rows["draft"]["target_calls"] == 0 and rows["draft"]["target_positions"] == 0 and rows["draft"]["flops"] > 0
+    assert all(rows[k]["target_calls"] > 0 for k in ("sss lambda=3", "spr+sss-implicit"))
+    # Best-of-N at N = M costs exactly the measured batch; its score is each prompt's best sample
+    bo8 = rows["best-of-n N=8"]
+    assert bo8["target_calls"] == pytest.approx(statistics.fmean(r["best-of-n"]["target_calls"] for r in recs))
+    assert bo8["mean_gold"] == pytest.approx(statistics.fmean(max(r["best-of-n"]["gold"]) for r in recs))
+    # paired differences by hand: per-prompt expected best of N, difference, sample standard error
+    for label, key, n in (("sss lambda=3", "sss@3", 1), ("draft", "draft", 1), ("best-of-n+sss N=2", "sss@3", 2)):
+        d = [expected_best_of(r[key]["gold"], n) - statistics.fmean(r["best-of-n"]["gold"]) for r in recs]
+        assert rows[label]["vs_sample"]["diff"] == pytest.approx(statistics.fmean(d))
+        assert rows[label]["vs_sample"]["se"] == pytest.approx(statistics.stdev(d) / 3 ** 0.5)
+    # Best-of-N at matched positions: the largest N whose target positions are at most the method's
+    for m in agg["methods"]:
+        match = m.get("vs_bon_matched_target_positions")
+        if match is None:
+            continue
+        within = [b for b in agg["methods"] if b["method"] == "best-of-n"
+                  and b["target_positions"] <= m["target_positions"] * (1 + 1e-9)]
+        assert match["bon_n"] == (max(b["params"]["n"] for b in within) if within else 1)
+    # the shift moves SSS: lambda = 3 tilts towards the adapter, lambda = 0 samples the target (same seeds)
+    assert [r["sss@0"]["gold"] for r in recs] != [r["sss@3"]["gold"] for r in recs]
+    # target log-prob per token: a number for every answer-producing method
+    assert all(isinstance(rows[k]["target_logp_per_token"], float) and rows[k]["target_logp_per_token"] < 0
+               for k in ("sample", "draft", "sss lambda=0", "sss lambda=3", "spr-judge a=0.5", "spr+sss-implicit"))
+    # frontiers and targets
+    for axis in ("target_calls", "target_positions"):
+        front = agg[f"frontier_{axis}"]
+        for lab in front:
+            p = rows[lab]
+            assert not any(o[axis] <= p[axis] and o["mean_gold"] >= p["mean_gold"]
+                           and (o[axis] < p[axis] or o["mean_gold"] > p["mean_gold"]) for o in agg["methods"])
+    assert "draft" in agg["frontier_target_calls"]  # no target call at all
+    assert set(agg["targets"]) == {"sss_reaches_best_of_8", "sss_keeps_target_fluency", "sss_x_spr_on_frontier"}
+    # files written and re-read
+    saved = _json.loads((out / "results.json").read_text())
+    assert saved["results"]["frontier_target_calls"] == agg["frontier_target_calls"]
+    assert (out / "table.md").read_text().startswith("Target ") and (out / "frontier.png").stat().st_size > 5000
+    # a re-run reuses every record; a new lambda runs only that lambda's records
+    again = run(study_config(study_models, out))
+    assert again["records_run"] == 0 and again["records_reused"] == 3 * 6
+    assert _json.dumps(again["results"]) == _json.dumps(report["results"])
+    more = run(study_config(study_models, out, shift_lambdas=[0.0, 1.0, 3.0]))
+    assert more["records_run"] == 3
+    assert {m["label"] for m in more["results"]["methods"]} >= {"sss lambda=1"}
+
+
+def test_bench_w2s_input_errors(study_models, tmp_path):
+    from specalign.bench.w2s import run
+    from specalign.errors import SpecError
+    with pytest.raises(SpecError, match="target-value"):
+        run(study_config(study_models, tmp_path / "a", target_value=str(tmp_path / "missing")))
+    with pytest.raises(SpecError, match="shift lambdas"):
+        run(study_config(study_models, tmp_path / "b", shift_lambdas=[float("nan")]))
+    with pytest.raises(SpecError, match="power of 2"):
+        run(study_config(study_models, tmp_path / "c", sss_bon_n=3))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
