@@ -35,10 +35,10 @@ OUTSIDE = [
 
 HISTORY = [
     ("numbered work session", re.compile(r"\bsessions?[\s_-]*\d+", re.IGNORECASE)),
-    ("a previous / earlier machine",
+    ("a machine the work ran on before",
      re.compile(r"\b(?:previous|earlier|former|old|other|faster|slower),?\s+(?:\w+,?\s+)?machines?\b", re.IGNORECASE)),
-    ("the machine changed", re.compile(r"\bmachine\s+changed\b", re.IGNORECASE)),
-    ("an earlier draft / run / session", re.compile(r"\bearlier\s+(?:drafts?|sessions?|runs?|machines?)\b", re.IGNORECASE)),
+    ("a change of machine", re.compile(r"\bmachine\s+changed\b", re.IGNORECASE)),
+    ("a draft, run or session from before", re.compile(r"\bearlier\s+(?:drafts?|sessions?|runs?|machines?)\b", re.IGNORECASE)),
     ("figures that were not re-run",
      re.compile(r"\b(?:was|were|been|is|are)\s+not\s+(?:yet\s+)?re-?(?:run|measured)\s+(?:with|on|since|after|here|for)\b"
                 r"|\(not\s+re-?run\b|\bnot\s+re-?run\s+(?:with|on|since|after)\b", re.IGNORECASE)),
@@ -120,7 +120,7 @@ def test_guard_catches_shared_paths_outside_ci():
 @pytest.mark.parametrize("line", [
     "in sess" + "ion 3 we measured it",
     "(Sess" + "ion 4's run.)",
-    "on the prev" + "ious, faster machine it reached 0.46",
+    "on the prev" + "ious, faster mach" + "ine it reached 0.46",
     "the prev" + "ious machine",
     "measured with the earl" + "ier draft",
     "these figures were not re-" + "run with the new draft",
