@@ -16,7 +16,6 @@ from specalign.train.pipeline import load_recipe, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/smollm2/weak_to_strong.yaml"
-DATA = Path("/work/shared/data/alpaca_farm_eval.json")
 
 
 def specalign_run(out, *extra):
@@ -26,8 +25,7 @@ def specalign_run(out, *extra):
     return proc, json.loads((out / "pipeline.json").read_text())
 
 
-@pytest.mark.skipif(not DATA.is_file(), reason="needs /work/shared/data (AlpacaFarm prompts)")
-def test_smoke_pipeline_runs_then_resumes(tmp_path):
+def test_smoke_pipeline_runs_then_resumes(tmp_path, named_data):
     out = tmp_path / "run"
     _, log = specalign_run(out)
     steps = [e["step"] for e in log]
@@ -42,13 +40,18 @@ def test_smoke_pipeline_runs_then_resumes(tmp_path):
     assert (study / "table.md").read_text().startswith("Target ")
     assert (study / "frontier.png").stat().st_size > 1000
     methods = {m["method"] for m in results["results"]["methods"]}
-    assert methods == {"sample", "best-of-n", "spr-judge", "spr-value", "spr-adaptive", "spr-adaptive-value", "sss",
-                       "best-of-n+sss", "spr+sss-implicit", "spr+sss-value"}
+    assert methods == {"sample", "best-of-n", "draft", "sss", "best-of-n+sss", "spr-judge", "spr-value",
+                       "spr-adaptive", "spr+sss-implicit", "spr+sss-value"}
+    assert [m["params"]["lambda"] for m in results["results"]["methods"] if m["method"] == "sss"] == [0.5, 2.0]
+    assert {m["params"]["lambda"] for m in results["results"]["methods"] if m["method"] == "best-of-n+sss"} == {1.0}
+    report = json.loads((out / "dpo" / "dpo_report.json").read_text())
+    assert report["precompute_ref_log_probs"] is True and report["gold"]["samples_per_prompt"] == 2
+    assert set(report["implicit_reward"]) == {"train", "held_out"}
     assert (out / "value" / "value_head.json").is_file() and (out / "value" / "value_report.json").is_file()
-    assert [p["n"] for p in results["results"]["best_of_n_curve"]] == [1, 2, 4, 8]
+    assert [p["params"]["n"] for p in results["results"]["best_of_n_curve"]] == [1, 2, 4, 8]
     assert results["config"]["dpo"] == str(out / "dpo") and results["config"]["value"] == str(out / "value")
-    assert set(results["results"]["targets"]) == {"value_vs_partial_text", "sss", "adaptive_vs_fixed_alpha",
-                                                  "sss_x_spr_frontier"}
+    assert set(results["results"]["targets"]) == {"sss_reaches_best_of_8", "sss_keeps_target_fluency",
+                                                  "sss_x_spr_on_frontier"}
     assert [m["params"]["alpha"] for m in results["results"]["methods"] if m["method"] == "spr-judge"] == [0.5, 0.75]
     # each step's merged config was written and names the earlier steps' outputs
     assert f"policy: {out / 'draft'}" in (out / "configs" / "preferences.yaml").read_text()
@@ -70,12 +73,15 @@ def test_recipe_budgets_merge_and_expand(tmp_path):
     assert list(smoke)[:2] == ["tiny_target", "draft"]
     assert smoke["draft"]["target"] == str(tmp_path / "tiny_target")
     assert smoke["draft"]["output_dir"] == str(tmp_path / "draft")
-    assert smoke["draft"]["prompts"] == "/work/shared/data/alpaca_farm_eval.json"  # kept from the full steps
+    assert smoke["draft"]["prompts"] == "alpaca_farm_eval"  # kept from the full steps
     assert smoke["dpo"]["preferences"] == str(tmp_path / "preferences")
     root, full = load_recipe(str(RECIPE), "full", None)
     assert "tiny_target" not in full
-    assert full["draft"]["output_dir"] == "/work/artifacts/draft-smollm2"
-    assert full["preferences"]["policy"] == "/work/artifacts/draft-smollm2"
+    assert full["draft"]["output_dir"] == "outputs/smollm2/draft"  # the draft recipe's output, reused if present
+    assert full["preferences"]["policy"] == "outputs/smollm2/draft"
+    assert full["study"]["prompts"] == "alpaca_farm_100" and full["study"]["limit"] >= 50
+    assert full["study"]["max_new_tokens"] >= 64 and full["preferences"]["limit"] >= 300
+    assert full["preferences"]["k"] >= 4 and full["preferences"]["exclude_prompts"] == "alpaca_farm_100"
     assert full["study"]["output_dir"] == str(root / "study")
     assert full["study"]["value"] == str(root / "value") and full["value"]["samples"] == str(root / "preferences")
     assert merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 5}, "d": None}) == {"a": {"b": 5, "c": 2}}

@@ -240,8 +240,11 @@ def test_bench_w2s_costs_pairs_and_resumes(study_models, tmp_path):
     again = run(study_config(study_models, out))
     assert again["records_run"] == 0 and again["records_reused"] == 3 * 6
     assert _json.dumps(again["results"]) == _json.dumps(report["results"])
+    # a new lambda runs only that lambda's records: shard processes fill their prompts, the full run the rest
+    part = run(study_config(study_models, out, shift_lambdas=[0.0, 1.0, 3.0], shard="1/2"))
+    assert part == {"shard": "1/2", "prompts": 1, "records_run": 1, "work_dir": str(out) + ".work"}
     more = run(study_config(study_models, out, shift_lambdas=[0.0, 1.0, 3.0]))
-    assert more["records_run"] == 3
+    assert more["records_run"] == 2
     assert {m["label"] for m in more["results"]["methods"]} >= {"sss lambda=1"}
 
 
@@ -252,6 +255,8 @@ def test_bench_w2s_input_errors(study_models, tmp_path):
         run(study_config(study_models, tmp_path / "a", target_value=str(tmp_path / "missing")))
     with pytest.raises(SpecError, match="shift lambdas"):
         run(study_config(study_models, tmp_path / "b", shift_lambdas=[float("nan")]))
+    with pytest.raises(SpecError, match="R/K"):
+        run(study_config(study_models, tmp_path / "d", shard="2/2"))
     with pytest.raises(SpecError, match="power of 2"):
         run(study_config(study_models, tmp_path / "c", sss_bon_n=3))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -92,6 +92,8 @@ class W2SBenchConfig:
     output_dir: str = field(default="benchmarks/results/w2s", metadata={"help": "results.json, table.md, frontier.png"})
     work_dir: str | None = field(default=None, metadata={"help": "per-prompt records, reused on a re-run "
                                                                  "(default: OUTPUT_DIR.work)"})
+    shard: str = field(default="", metadata={"help": "R/K: fill the work dir's records of prompts i with i % K == R "
+                                                     "only (parallel processes); a run without it writes the results"})
 
     def validate(self) -> "W2SBenchConfig":
         for name in ("bon_n", "sss_bon_n"):
@@ -109,10 +111,21 @@ class W2SBenchConfig:
         for lam in [*self.shift_lambdas, self.shift_lambda]:
             if not isinstance(lam, (int, float)) or not math.isfinite(lam):
                 raise SpecError(f"shift lambdas must be finite numbers, got {lam!r}")
+        if self.shard:
+            self.shard_of()
         for path, what in ((self.dpo, "dpo"), (self.value, "value"), (self.target_value, "target-value")):
             if path and not Path(path).is_dir():
                 raise SpecError(f"--{what} {path}: directory not found (train it first, or leave it out)")
         return self
+
+    def shard_of(self) -> tuple[int, int]:
+        try:
+            rank, world = (int(x) for x in self.shard.split("/"))
+        except ValueError:
+            raise SpecError(f"shard must be R/K with 0 <= R < K, got {self.shard!r}") from None
+        if not 0 <= rank < world:
+            raise SpecError(f"shard must be R/K with 0 <= R < K, got {self.shard!r}")
+        return rank, world
 
     @property
     def lambdas(self) -> list[float]:
@@ -669,10 +682,14 @@ def run(cfg: W2SBenchConfig) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     records, ran = [], 0
     start = time.perf_counter()
-    for index in tqdm(range(len(prompts)), desc="bench w2s", unit="prompt"):
+    rank, world = cfg.shard_of() if cfg.shard else (0, 1)
+    indices = [i for i in range(len(prompts)) if i % world == rank]
+    for index in tqdm(indices, desc=f"bench w2s{' shard ' + cfg.shard if cfg.shard else ''}", unit="prompt"):
         rec, n = run_prompt(setup, index, prompts[index], work)
         records.append(rec)
         ran += n
+    if cfg.shard:
+        return {"shard": cfg.shard, "prompts": len(records), "records_run": ran, "work_dir": str(work)}
     return {"config": asdict(cfg), "prompts": len(records), "torch_threads": torch.get_num_threads(),
             "target_params": setup.target_params, "wall_s": round(time.perf_counter() - start, 1),
             "records_run": ran, "records_reused": len(records) * len(method_keys(setup)) - ran,
@@ -689,6 +706,10 @@ def main(args: list[str]) -> int:
     from ..cli import parse_config
     (cfg,) = parse_config([W2SBenchConfig], args, "specalign bench w2s")
     report = run(cfg)
+    if cfg.shard:
+        print(f"shard {cfg.shard}: {report['prompts']} prompts' records in {report['work_dir']} "
+              f"({report['records_run']} run now); run without --shard to write the results")
+        return 0
     write(report, cfg.output_dir)
     print(table(report))
     return 0
