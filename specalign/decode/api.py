@@ -179,6 +179,11 @@ class Decoder:
         self.scorer = build_scorer(spec, generator_model=getattr(generator, "model", None),
                                    generator_tokenizer=self.tokenizer, dtype=config.dtype, device=config.device,
                                    max_batch_tokens=config.max_batch_tokens) if spec else None
+        if getattr(self.scorer, "needs_hidden", False):  # a value head on the target's own hidden states
+            if not hasattr(self.generator, "track_hidden"):
+                raise SpecError(f"scorer {self.scorer.name} reads the target's hidden states while it samples: use "
+                                f"it with the sample generator, not {config.generator_kind}")
+            self.generator.track_hidden()
 
     def encode(self, prompt: str) -> list[int]:
         """Chat-templated ids; a prompt that cannot fit the context is an error (or, with truncate, cut)."""
@@ -258,6 +263,9 @@ class Decoder:
         from .runs import RunFile, shard_path
         rank, world = shard
         encoded = [self.encode(p) for p in prompts]  # every prompt checked before anything is written
+        check = getattr(self.selector, "check", None)  # and that it fits --max-batch-tokens
+        for ids in encoded if check is not None else ():
+            check(len(ids), self.config.max_new_tokens)
         mine = [i for i in range(len(prompts)) if i % world == rank]
         run_file = None
         done: dict[int, dict] = {}

@@ -53,6 +53,9 @@ class Generator(ABC):
     """Shared bookkeeping: rows, the active set (in cache order), finishing rules, compaction."""
 
     name = "base"
+    # Called as on_step(generator) after every step of ``advance``: a server streams the new tokens from it,
+    # or raises to stop the work of a client that went away.
+    on_step = None
 
     def __init__(self, tokenizer, params: SamplingParams | None = None, max_new_tokens: int = 128,
                  stop: tuple[str, ...] | list[str] = (), eos_ids: set[int] | None = None):
@@ -115,6 +118,8 @@ class Generator(ABC):
                    for i in self.active}
         while self.active and any(len(self.rows[i].tokens) < targets[i] for i in self.active):
             self._step()
+            if self.on_step is not None:
+                self.on_step(self)
 
     def drop(self, row_ids) -> None:
         """Prune rows: they leave the batch and every cache, in place."""
@@ -132,7 +137,11 @@ class Generator(ABC):
         from ..models.scorers import Candidate
         row = self.rows[i]
         return Candidate(prompt, self.response_text(i), row.finished, self.row_prompts[i], self.response_ids(i),
-                         dict(row.stats), row.reason)
+                         {**row.stats, **self.hidden_of(i)}, row.reason)
+
+    def hidden_of(self, i: int) -> dict:
+        """Row i's target features, when a scorer asked for them (``track_hidden``); else nothing."""
+        return {}
 
     def response_ids(self, i: int) -> list[int]:
         """A copy of row i's tokens (without its EOS): a scored partial candidate must not grow later."""
@@ -194,6 +203,27 @@ class SamplingGenerator(Generator):
         self.model = model
         self.target = LMState(model, pad_id=tokenizer.pad_token_id or 0)
         self.next_logits: torch.Tensor | None = None
+        self._hook = None  # track_hidden: the target's final-norm output of the latest forward, kept below
+        self.last_hidden: torch.Tensor | None = None   # (active rows, H): the state behind next_logits
+        self.prompt_hidden: torch.Tensor | None = None  # (rows, H): the state after each row's prompt
+
+    def track_hidden(self) -> None:
+        """Keep every active row's final hidden state -- the input of the LM head behind ``next_logits``, the
+        state after the row's tokens so far -- and the prompt's, so a value head on the target's own features
+        scores running rows with no extra forward (candidates carry them as ``stats["hidden"]`` and
+        ``stats["prompt_hidden"]``)."""
+        if self._hook is None:
+            from ..models.loading import final_norm
+            self._hook = final_norm(self.model).register_forward_hook(
+                lambda module, args, out: setattr(self, "_latest", out[:, -1, :].detach().float()))
+
+    def hidden_of(self, i: int) -> dict:
+        if self._hook is None:
+            return {}
+        out = {"prompt_hidden": self.prompt_hidden[i]}
+        if not self.rows[i].done:
+            out["hidden"] = self.last_hidden[self.active.index(i)]
+        return out
 
     @property
     def states(self):
@@ -207,14 +237,20 @@ class SamplingGenerator(Generator):
         logits = self.target.prefill([prompt_ids])
         self.target.repeat(n)
         self.next_logits = logits.repeat(n, 1)
+        if self._hook is not None:
+            self.last_hidden = self.prompt_hidden = self._latest.repeat(n, 1)
 
     def start_batch(self, prompts: list[list[int]], rng: torch.Generator | None = None) -> None:
         """Start one row per prompt: a ragged, left-padded batch of different prompts (one prefill)."""
         self._begin(prompts, rng)
         self.next_logits = self.target.prefill(self.row_prompts)
+        if self._hook is not None:
+            self.last_hidden = self.prompt_hidden = self._latest
 
     def _select_pending(self, keep):
         self.next_logits = self.next_logits[keep.to(self.next_logits.device)]
+        if self._hook is not None:
+            self.last_hidden = self.last_hidden[keep.to(self.last_hidden.device)]
 
     def _step(self):
         raw = torch.log_softmax(self.next_logits.float(), dim=-1)
@@ -223,6 +259,8 @@ class SamplingGenerator(Generator):
         self._emit([[t] for t in tokens.tolist()], [[x] for x in logp.tolist()])
         if self.active:  # rows still active are those this step did not finish, in cache order
             self.next_logits = self.target.extend(self._last_tokens()[:, None], keep_logits=1)[:, -1, :]
+            if self._hook is not None:
+                self.last_hidden = self._latest
 
     def _last_tokens(self) -> torch.Tensor:
         return torch.tensor([self.rows[i].tokens[-1] for i in self.active], dtype=torch.long)

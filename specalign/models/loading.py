@@ -214,3 +214,13 @@ def chat_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
             ids = ids["input_ids"]
         return list(ids)
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def final_norm(model):
+    """The module whose output the head turns into logits (the decoder's final norm); a clear error if
+    the model's logits are not simply head(that output)."""
+    norm = getattr(model.get_decoder(), "norm", None) if hasattr(model, "get_decoder") else None
+    if norm is None or getattr(model.config, "final_logit_softcapping", None):
+        raise SpecError(f"cannot record final hidden states of {type(model).__name__}: its head does not read a "
+                        "decoder .norm directly (draft training: use teacher: forward)")
+    return norm

@@ -275,6 +275,9 @@ def build_scorer(spec, *, generator_model=None, generator_tokenizer=None, dtype=
     if kind == "python":
         return CallableScorer(_import_callable(spec), spec, **kw)
     if kind == "value" and arg:
+        from .target_value import TargetValueScorer, is_target_value_dir
+        if is_target_value_dir(arg):
+            return TargetValueScorer(arg, generator_model, **kw)
         from .value_head import ValueScorer
         return ValueScorer(arg, dtype=dtype, device=device, **kw)
     if spec == "implicit":

@@ -1,8 +1,8 @@
 """``specalign train STEP --config recipe.yaml [--key value ...]`` (also ``python -m specalign.train STEP``).
 
 Steps: draft (distill a draft from the target), preferences (sample + score -> preference dataset),
-dpo (TRL DPOTrainer + PEFT LoRA on the draft), value (value-head reward model), reward (TRL
-RewardTrainer). Every step runs plainly or under ``accelerate launch --config_file ... -m specalign.train``.
+dpo (TRL DPOTrainer + PEFT LoRA on the draft), value (value-head reward model; ``--features target``:
+a head on the target's own hidden states, free at decode time), reward (TRL RewardTrainer). Every step runs plainly or under ``accelerate launch --config_file ... -m specalign.train``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,26 @@ def _drop_local_rank(args: list[str]) -> list[str]:
     return out
 
 
+def features_of(args: list[str]) -> str:
+    """``value``'s ``features`` key (``text`` unless ``--features`` or the recipe says otherwise)."""
+    for i, a in enumerate(args):
+        if a == "--features":
+            return args[i + 1] if i + 1 < len(args) else ""
+        if a.startswith("--features="):
+            return a.split("=", 1)[1]
+    if "--config" in args and args.index("--config") + 1 < len(args):
+        import os
+        import yaml
+        path = args[args.index("--config") + 1]
+        if os.path.isfile(path):
+            try:
+                data = yaml.safe_load(open(path)) or {}
+            except yaml.YAMLError:
+                return "text"  # the step's own parser reports the YAML error
+            return str(data.get("features", "text")) if isinstance(data, dict) else "text"
+    return "text"
+
+
 def main(args: list[str]) -> int:
     args = _drop_local_rank(list(args))
     if not args or args[0] in ("-h", "--help"):
@@ -43,4 +63,7 @@ def main(args: list[str]) -> int:
     step, rest = args[0], list(args[1:])
     if step not in STEPS:
         raise SpecError(f"unknown training step '{step}': use one of {', '.join(STEPS)}")
-    return int(importlib.import_module(STEPS[step]).main(rest) or 0)
+    module = STEPS[step]
+    if step == "value" and features_of(rest) == "target":
+        module = "specalign.train.target_value"
+    return int(importlib.import_module(module).main(rest) or 0)

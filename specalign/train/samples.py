@@ -22,6 +22,7 @@ import torch
 from ..decode.generators import Row, SamplingGenerator
 from ..decode.sampling import SamplingParams
 from ..models.attention import GROUPED, register
+from ..models.loading import final_norm
 
 
 class MultiPromptSampler(SamplingGenerator):
@@ -116,17 +117,6 @@ def autocast_weights(model, dtype=torch.bfloat16):
     finally:
         for module, weight in swapped:
             module.weight = weight
-
-
-def final_norm(model):
-    """The module whose output the head turns into logits (the decoder's final norm); a clear error if
-    the model's logits are not simply head(that output)."""
-    from ..errors import SpecError
-    norm = getattr(model.get_decoder(), "norm", None) if hasattr(model, "get_decoder") else None
-    if norm is None or getattr(model.config, "final_logit_softcapping", None):
-        raise SpecError(f"cannot record final hidden states of {type(model).__name__} (no decoder .norm feeding the "
-                        "head directly): use teacher: forward")
-    return norm
 
 
 def _jobs(prompts_ids, n):

@@ -12,6 +12,8 @@ from .common import StepArgs
 
 @dataclass
 class ValueConfig(StepArgs, TrainingArguments):
+    features: str = field(default="text", metadata={
+        "help": "text: a backbone reads the response text; target: see `specalign train value --features target`"})
     backbone: str = field(default="", metadata={"help": "causal LM whose body reads the text (e.g. the draft)"})
     samples: str = field(default="", metadata={"help": "scored responses: a `train preferences` output dir "
                                                        "(samples.jsonl) or JSONL rows of prompt, response, score"})
@@ -36,6 +38,8 @@ class ValueConfig(StepArgs, TrainingArguments):
     remove_unused_columns: bool = False
 
     def validate(self) -> "ValueConfig":
+        if self.features != "text":
+            raise SpecError(f"features must be text or target, got {self.features!r}")
         if not self.backbone:
             raise SpecError("value needs a backbone: set backbone: DRAFT_DIR (or any causal LM spec)")
         if not self.samples:

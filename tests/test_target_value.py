@@ -1,0 +1,124 @@
+"""The value head on the target's own hidden states: the generator hands scorers exactly the states a
+full forward gives, `specalign train value --features target` fits and reports, and `value:DIR` scores
+running rows from those states (no target position) and finished rows with the learned scorer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from specalign.decode.generators import SamplingGenerator
+from specalign.decode.sampling import SamplingParams
+from specalign.errors import SpecError
+from specalign.models.loading import final_norm
+from specalign.train.testing import a_share, prompt_file, template_prompts, write_named_data
+
+SCORER = "python:specalign.train.testing:a_share_scorer"
+
+
+def _states(model, seq):
+    seen = []
+    hook = final_norm(model).register_forward_hook(lambda m, a, out: seen.append(out[0]))
+    with torch.no_grad():
+        model(torch.tensor([seq]))
+    hook.remove()
+    return seen[0]
+
+
+def test_tracked_states_are_the_full_forward_states(tiny, tok):
+    gen = SamplingGenerator(tiny, tok, SamplingParams(1.0), max_new_tokens=12, eos_ids=set())
+    gen.track_hidden()
+    prompt = [1, 5, 9, 12, 7]
+    gen.start(prompt, 4, torch.Generator().manual_seed(0))
+    gen.advance(5)
+    gen.drop([1])  # a pruned row leaves; the others keep their own states
+    gen.advance(3)
+    for i in (0, 2, 3):
+        cand = gen.candidate(i, "p")
+        full = _states(tiny, prompt + gen.rows[i].tokens[:-1] + gen.rows[i].tokens[-1:])
+        # the state after every token so far: the full sequence's last position
+        assert torch.allclose(cand.stats["hidden"], full[-1], atol=1e-4)
+        assert torch.allclose(cand.stats["prompt_hidden"], full[len(prompt) - 1], atol=1e-4)
+    assert "hidden" not in gen.candidate(1, "p").stats  # pruned: no running state
+    plain = SamplingGenerator(tiny, tok, SamplingParams(1.0), max_new_tokens=4, eos_ids=set())
+    plain.start(prompt, 2, torch.Generator().manual_seed(0))
+    plain.advance()
+    assert "hidden" not in plain.candidate(0, "p").stats  # nothing kept unless asked
+
+
+@pytest.fixture(scope="module")
+def head_dir(tmp_path_factory):
+    from specalign.train.testing import save_tiny_model
+    root = tmp_path_factory.mktemp("tv")
+    model = save_tiny_model(root / "model", init_scale=1.0)
+    data = write_named_data(root / "data")
+    env = {**os.environ, "SPECALIGN_DATA": data, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "specalign.cli", "train", "value", "--features", "target",
+                           "--model", model, "--scorer", SCORER, "--output_dir", str(root / "head"), "--limit", "40",
+                           "--eval_prompts", "8", "--k", "6", "--max_new_tokens", "20", "--batch_rows", "60",
+                           "--epochs", "40", "--train_lengths", "2,4,6,8,12", "--report_lengths", "4,8",
+                           "--oracle_m", "4", "--oracle_prompts", "4", "--torch_threads", "1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return model, str(root / "head")
+
+
+def test_train_writes_head_and_report(head_dir):
+    model, head = head_dir
+    meta = json.loads((Path(head) / "target_value.json").read_text())
+    assert meta["base_model"] == model and meta["scorer"] == SCORER and meta["partial"]
+    rep = json.loads((Path(head) / "value_report.json").read_text())
+    assert rep["eval_prompts"] == 8 and rep["train_prompts"] == 32 and rep["features"] == "target"
+    assert set(rep["by_prefix_length"]) == {"4", "8"}
+    for k, e in rep["by_prefix_length"].items():
+        assert e["prompts"] == 8 and e["prefixes"] > 20
+        # the share of 'a' so far predicts the final share: the scorer on the partial text predicts it, and
+        # the head (which takes that score as an input) learned a real predictor from 32 prompts' samples
+        assert e["partial_text_r"] > 0.3
+        assert e["value_head_r"] > 0.2
+        assert -1 <= e["oracle"]["r"] <= 1 and e["oracle"]["m"] == 4 and e["oracle"]["prompts"] == 4
+    assert rep["loss_first_last"][1] < rep["loss_first_last"][0]
+
+
+def test_value_scorer_reads_states_and_costs_no_target_position(head_dir, tmp_path):
+    from specalign.decode import DecodeConfig, Decoder
+    from specalign.models.target_value import TargetValueHead
+    model, head = head_dir
+    decoder = Decoder(DecodeConfig(model=model, method="spec-rejection", n=6, alpha="0.5", decision="tokens:4",
+                                   scorer=f"value:{head}", max_new_tokens=12, seed=3, return_candidates=True))
+    rec = decoder.run(["tell me cat dog"], progress=False)[0]
+    assert rec["cost"]["scorer"]["positions"] == 0
+    assert rec["rounds"][0]["rows"] == 6 and len(rec["rounds"][0]["kept_ids"]) == 3
+    for c in rec["candidates"]:
+        if c["finished"]:
+            assert c["score"] == pytest.approx(a_share(c["response"]))
+    # a running row's value is the head on (its state, the prompt's state, k, the partial score)
+    gen = decoder.generator
+    gen.start(decoder.encode("tell me cat dog"), 2, torch.Generator().manual_seed(0))
+    gen.advance(4)
+    cands = [gen.candidate(i, "tell me cat dog") for i in gen.active]
+    values = decoder.scorer(cands)
+    h, _ = TargetValueHead.load(head)
+    x = h.features(torch.stack([c.stats["hidden"] for c in cands]), torch.stack([c.stats["prompt_hidden"] for c in cands]),
+                   torch.tensor([4] * len(cands)), torch.tensor([a_share(c.response) for c in cands]))
+    assert values == pytest.approx(h(x).tolist(), abs=1e-5)
+
+
+def test_value_head_refuses_another_model_and_speculative(head_dir, tiny_dir, tmp_path):
+    from specalign.decode import DecodeConfig, Decoder
+    _, head = head_dir
+    with pytest.raises(SpecError, match="trained on the hidden states of .*not of this --model"):
+        Decoder(DecodeConfig(model=tiny_dir, scorer=f"value:{head}", max_new_tokens=4))
+    proc = subprocess.run([sys.executable, "-m", "specalign.cli", "decode", "--model", tiny_dir, "--prompt", "hi",
+                           "--scorer", f"value:{head}", "--max-new-tokens", "4", "--out", str(tmp_path / "o.jsonl")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not of this --model" in proc.stderr
+    assert not list(tmp_path.iterdir())
+    model, _ = head_dir
+    with pytest.raises(SpecError, match="with the sample generator, not speculative"):
+        Decoder(DecodeConfig(model=model, method="best-of-n", generator="speculative", draft=model,
+                             scorer=f"value:{head}", max_new_tokens=4))
