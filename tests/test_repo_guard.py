@@ -36,12 +36,12 @@ OUTSIDE = [
 HISTORY = [
     ("numbered work session", re.compile(r"\bsessions?[\s_-]*\d+", re.IGNORECASE)),
     ("a machine the work ran on before",
-     re.compile(r"\b(?:previous|earlier|former|old|other|faster|slower),?\s+(?:\w+,?\s+)?machines?\b", re.IGNORECASE)),
+     re.compile(r"\b(?:previous|earlier|former|old|other|faster|slower|current),?\s+(?:\w+,?\s+)?machines?\b", re.IGNORECASE)),
     ("a change of machine", re.compile(r"\bmachine\s+changed\b", re.IGNORECASE)),
     ("a draft, run or session from before", re.compile(r"\bearlier\s+(?:drafts?|sessions?|runs?|machines?)\b", re.IGNORECASE)),
     ("figures that were not re-run",
-     re.compile(r"\b(?:was|were|been|is|are)\s+not\s+(?:yet\s+)?re-?(?:run|measured)\s+(?:with|on|since|after|here|for)\b"
-                r"|\(not\s+re-?run\b|\bnot\s+re-?run\s+(?:with|on|since|after)\b", re.IGNORECASE)),
+     re.compile(r"\b(?:was|were|been|is|are)\s+not\s+(?:yet\s+)?(?:re-?run|re-?measured|repeated)\s+(?:with|on|since|after|here|for)\b"
+                r"|\(not\s+re-?run\b|\bnot\s+(?:re-?run|repeated)\s+(?:with|on|since|after)\b", re.IGNORECASE)),
 ]
 
 
@@ -126,6 +126,8 @@ def test_guard_catches_shared_paths_outside_ci():
     "these figures were not re-" + "run with the new draft",
     "(not re-" + "run on this machine)",
     "then the mach" + "ine changed again",
+    "the run below was not rep" + "eated with the new draft",
+    "measured on the curr" + "ent machine",
 ])
 def test_guard_catches_work_history(line):
     assert len(violations("docs/example.md", f"ok line\n{line}\n")) == 1
