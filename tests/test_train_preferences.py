@@ -55,6 +55,15 @@ def test_sample_score_and_pair(policy, tmp_path):
         assert r["prompt"] == [{"role": "user", "content": p}]
         assert r["score_chosen"] == max(by_prompt[p]) and r["score_rejected"] == min(by_prompt[p])
         assert r["chosen"][0]["role"] == "assistant" and a_share(r["chosen"][0]["content"]) == r["score_chosen"]
+    margins = sorted(r["score_chosen"] - r["score_rejected"] for r in rows)
+    report = json.loads((out / "preferences_report.json").read_text())
+    assert report["pair_margin"]["min"] == margins[0] > 0 and report["prompts_with_pairs"] == expected
+    assert report["pair_margin"]["mean"] == pytest.approx(sum(margins) / len(margins))
+    # min_margin keeps only the pairs the scorer separates by more than it
+    assert margins[-1] > margins[0]
+    cut = (margins[0] + margins[-1]) / 2
+    strict = run(PreferencesConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "strict"), "min_margin": cut}))
+    assert strict["pairs"] == sum(m > cut for m in margins) and strict["pair_margin"]["min"] > cut
     ds = load_dataset("json", data_files=str(out / "data.jsonl"), split="train")
     assert set(ds.column_names) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
     # a restart reuses the sampled chunks: same samples, no new sampling

@@ -117,6 +117,12 @@ def run(cfg: PreferencesConfig) -> dict:
         if scored:
             result["mean_score_chosen"] = statistics.fmean(r["score_chosen"] for r in scored)
             result["mean_score_rejected"] = statistics.fmean(r["score_rejected"] for r in scored)
+            margins = sorted(r["score_chosen"] - r["score_rejected"] for r in scored)
+            result["min_margin"] = cfg.min_margin
+            result["pair_margin"] = {"mean": statistics.fmean(margins), "median": statistics.median(margins),
+                                     "min": margins[0]}
+        if stats.get("prompts"):
+            result["prompts_with_pairs"] = len({prompt_text(r["prompt"]) for r in rows})
         result["wall_s"] = round(time.perf_counter() - started, 1)
         with atomic_dir(cfg.output_dir) as tmp:
             _write_jsonl(tmp / "data.jsonl", rows)
