@@ -4,6 +4,7 @@
     specalign bench NAME [--flag value ...]                  benchmarks (engine, spr, correlation, speculative, w2s, draft, draft-speed)
     specalign train STEP --config recipe.yaml [...]          training steps (draft, preferences, dpo, value, reward)
     specalign run RECIPE [--budget smoke|full]               the weak-to-strong pipeline, resumable
+    specalign serve [--config x.yaml] [--host H --port P]    an OpenAI-compatible HTTP server (docs/serve.md)
 
 Flags override YAML keys (TrlParser). Input errors print one line ``error: ...`` and exit 2.
 ``--data-dir DIR`` (any command) is where named data sets (alpaca_farm_eval, alpaca_farm_100,
@@ -24,6 +25,7 @@ COMMANDS = {
     "bench": "specalign.bench:main",
     "train": "specalign.train.cli:main",
     "run": "specalign.train.pipeline:main",
+    "serve": "specalign.serve:main",
 }
 
 
