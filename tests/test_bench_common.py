@@ -160,7 +160,7 @@ def test_bench_spr_and_correlation_end_to_end(tiny_dir, tmp_path):
             "--tasks", "loglik:self", "judge:inoffensive", "--spr", "8:0.5:tokens:2",
             "--simulate", "8:0.0:tokens:2", "4:0.5:tokens:2", "8:0.5:tokens:2", "--bon-direct", "4",
             "--rankers", "task", "oracle:2", "--output-dir", str(out), "--work-dir", str(work),
-            "--threads", "0"]
+            "--threads", "1"]
     assert spr.main(args) == 0
     report = json.loads((out / "results.json").read_text())
     assert (out / "curve.png").stat().st_size > 5000 and (out / "curve_wall.png").is_file()
@@ -225,13 +225,28 @@ def test_bench_spr_and_correlation_end_to_end(tiny_dir, tmp_path):
     assert len((work / "samples.jsonl").read_text().splitlines()) == 2
     cout = tmp_path / "corr"
     assert correlation.main(["--model", tiny_dir, "--samples", str(work / "samples.jsonl"), "--ks", "2", "6",
-                             "--tasks", "loglik:self", "--output-dir", str(cout), "--threads", "0"]) == 0
+                             "--tasks", "loglik:self", "--output-dir", str(cout), "--threads", "1"]) == 0
     corr = json.loads((cout / "results.json").read_text())
     at6 = corr["summary"]["loglik:self"][1]
     assert at6["k"] == 6 and at6["finished_share"] == 1.0
     assert at6["pearson"]["mean"] == pytest.approx(1.0) and at6["kendall"]["mean"] == pytest.approx(1.0)
     assert at6["best_survives"] == {"0.5": 1.0, "0.75": 1.0, "0.9": 1.0}
     assert (cout / "correlation.png").stat().st_size > 5000
+    # the oracle ceiling and a ranker: at K = 6 every prefix is a whole response, so the oracle's values are
+    # the final scores themselves (r = 1, reliability 1) at no target cost; at K = 2 it samples continuations
+    oout = tmp_path / "oracle"
+    assert correlation.main(["--model", tiny_dir, "--samples", str(work / "samples.jsonl"), "--ks", "2", "6",
+                             "--tasks", "loglik:self", "--rankers", "judge:inoffensive", "--oracle", "2",
+                             "--oracle-ks", "2", "6", "--oracle-prefixes", "4", "--output-dir", str(oout),
+                             "--threads", "1"]) == 0
+    orep = json.loads((oout / "results.json").read_text())
+    assert orep["max_new_tokens"] == 6 and "judge:inoffensive -> loglik:self" in orep["summary"]
+    at2, at6 = orep["oracle"]["by_k"]
+    assert at6["k"] == 6 and at6["r"] == pytest.approx(1.0) and at6["r_corrected"] == pytest.approx(1.0)
+    assert at6["partial_r"]["loglik:self"] == pytest.approx(1.0)
+    assert at2["k"] == 2 and -1 <= at2["r"] <= 1 and at2["prefixes"] == 8
+    assert orep["oracle"]["target_positions_per_prompt"] > 0
+    assert "Ceiling" in (oout / "table.md").read_text()
 
 
 def test_bench_bad_input(tmp_path):
@@ -239,8 +254,48 @@ def test_bench_bad_input(tmp_path):
     from specalign.errors import SpecError
     for args, match in ((["--bon-n", "12"], "power of 2"), (["--reference-n", "1"], "reference-n"),
                         (["--spr", "128:0.9"], "N:ALPHA:DECISION"), (["--spr", "8:auto:tokens:4"], "auto"),
-                        (["--simulate", "256:0.5:tokens:8"], "divide"), (["--nonsense", "1"], "unknown")):
+                        (["--simulate", "256:0.5:tokens:8"], "divide"), (["--nonsense", "1"], "unknown"),
+                        (["--rankers", "oracle:3"], "even"), (["--rankers", "nothing"], "unknown ranker")):
         with pytest.raises(SpecError, match=match):
             spr.main(args + ["--output-dir", str(tmp_path / "o")])
     with pytest.raises(SpecError, match="samples file not found"):
         correlation.main(["--samples", str(tmp_path / "none.jsonl")])
+    with pytest.raises(SpecError, match="oracle must be an even number"):
+        correlation.main(["--oracle", "3"])
+
+
+def test_replayed_and_measured_spr_agree_over_seeds(tok):
+    """The bench's paired design: a measured run with the prompt's seed shares the Best-of-M batch's
+    first round (same rows, same survivors), then samples fresh continuations where the replay reads the
+    recorded ones. Over many seeds the paired difference of the answer's score is centred on 0 (within
+    4 standard errors): the replay has no systematic gap (rows, ties, schedule, finished rows)."""
+    from specalign.models.testing import tiny_llama
+    model = tiny_llama(init_scale=1.0)  # a flat model: continuations differ a lot between samples
+    ids = chat_prompt(tok, "hi")
+    spr = SpeculativeRejection(n=16, alpha=0.75, decision="tokens:3")
+    scorer = build_scorer("loglik:self")
+    diffs, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # many tiny forwards: one thread is several times faster on a busy machine
+    try:
+        _paired_runs(model, tok, ids, spr, scorer, diffs)
+    finally:
+        torch.set_num_threads(threads)
+    mean = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    assert se > 0.005  # continuations really differ: the check has power
+    assert abs(mean) < 4 * se
+
+
+def _paired_runs(model, tok, ids, spr, scorer, diffs):
+    for seed in range(40):
+        bon = _sampler(model, tok, 12)
+        bon.start(ids, 16, torch.Generator().manual_seed(seed))
+        bon.advance()
+        rows = recorded_rows(bon)
+        replay = ReplayGenerator(tok, rows, 12, bon.eos_ids)
+        replayed = spr.run(replay, scorer, "hi", ids, None)
+        gen = _sampler(model, tok, 12)
+        measured = spr.run(gen, scorer, "hi", ids, torch.Generator().manual_seed(seed))
+        assert measured["rounds"][0]["kept_ids"] == replayed["rounds"][0]["kept_ids"]  # same first round
+        assert [r.tokens[:3] for r in gen.rows] == [r.tokens[:3] for r in rows]
+        diffs.append(replayed["scores"][replayed["best"]] - measured["scores"][measured["best"]])

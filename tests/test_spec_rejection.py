@@ -292,3 +292,105 @@ def test_needs_a_scorer(tiny, tok):
     gen = SamplingGenerator(tiny, tok, SamplingParams(1.0), 4)
     with pytest.raises(SpecError, match="needs a scorer"):
         SpeculativeRejection(n=2).run(gen, None, "hi", chat_prompt(tok, "hi"), None)
+
+
+# -- N beyond one batch: the first round in chunks -----------------------------------------------------
+class RowKeyed(SamplingGenerator):
+    """Sampling on a real tiny model where every row draws from its own stream (keyed by its index in the
+    run; a row continued from its tokens keeps its stream), so the samples do not depend on batching.
+    ``ends[key]``: that row emits EOS as that token."""
+
+    def __init__(self, model, tok, max_new_tokens, ends=None):
+        super().__init__(model, tok, SamplingParams(1.0), max_new_tokens, eos_ids={FORCED_EOS})
+        self.ends, self.streams, self.key_of, self.next_key, self.row_keys = ends or {}, {}, {}, 0, []
+
+    def start(self, prompt_ids, n, rng=None):
+        super().start(prompt_ids, n, rng)
+        self.row_keys = list(range(self.next_key, self.next_key + n))
+        self.next_key += n
+        self.streams.update({k: torch.Generator().manual_seed(1000 + k) for k in self.row_keys})
+
+    def start_batch(self, prompts, rng=None):
+        super().start_batch(prompts, rng)
+        self.row_keys = None  # the caller sets the rows' tokens next: keys are looked up at the first step
+
+    def _step(self):
+        from specalign.decode.sampling import processed_logprobs, sample
+        if self.row_keys is None:
+            self.row_keys = [self.key_of[tuple(r.tokens)] for r in self.rows]
+        raw = torch.log_softmax(self.next_logits.float(), dim=-1)
+        lp = processed_logprobs(self.next_logits, self.params)
+        active = list(self.active)
+        toks = [int(sample(lp[pos:pos + 1], self.streams[self.row_keys[i]])) for pos, i in enumerate(active)]
+        logps = [[float(raw[pos, t])] for pos, t in enumerate(toks)]
+        toks = [FORCED_EOS if self.ends.get(self.row_keys[i]) == len(self.rows[i].tokens) + 1 else t
+                for t, i in zip(toks, active)]
+        self._emit([[t] for t in toks], logps)
+        for i in active:
+            self.key_of[tuple(self.rows[i].tokens)] = self.row_keys[i]
+        if self.active:
+            self.next_logits = self.target.extend(self._last_tokens()[:, None], keep_logits=1)[:, -1, :]
+
+
+class OneBatch(SpeculativeRejection):
+    """The same schedule, with the first round in one batch whatever max_batch_tokens says."""
+
+    def chunk_rows(self, prompt_len, max_new_tokens):
+        return self.n
+
+
+@pytest.mark.parametrize("alpha,k,budget_rows,ends,chunks", [
+    (0.75, 3, 3, {1: 2, 6: 3}, 3),   # rows 1 and 6 finish by the decision; 2 survivors run to the end
+    (0.5, 2, 5, {}, 2),              # 4 survivors, decided again at 7 tokens, then 2 run to the end
+])
+def test_chunked_first_round_equals_one_batch(tiny, tok, alpha, k, budget_rows, ends, chunks):
+    ids = chat_prompt(tok, "hi")
+    budget = budget_rows * (P + k)
+    runs = []
+    for cls in (OneBatch, SpeculativeRejection):
+        gen = RowKeyed(tiny, tok, 12, ends)
+        spr = cls(n=8, alpha=alpha, decision=f"tokens:{k}", max_batch_tokens=budget)
+        runs.append((gen, spr.run(gen, build_scorer("loglik:self"), "hi", ids, None)))
+    (g1, one), (g2, many) = runs
+    assert many["rounds"][0]["chunks"] == chunks and "chunks" not in one["rounds"][0]
+    assert _kept(many) == _kept(one) and [r["row_ids"] for r in many["rounds"]] == [r["row_ids"] for r in one["rounds"]]
+    assert [r["decision_tokens"] for r in many["rounds"]] == [r["decision_tokens"] for r in one["rounds"]]
+    assert many["best"] == one["best"]
+    assert [c.response_ids for c in many["candidates"]] == [c.response_ids for c in one["candidates"]]
+    assert [c.finished for c in many["candidates"]] == [c.finished for c in one["candidates"]]
+    assert many["scores"] == pytest.approx(one["scores"], abs=1e-5)
+    assert sum(c.finished for c in one["candidates"]) >= 2
+    if ends:
+        assert one["rounds"][0]["finished"] == many["rounds"][0]["finished"] == 2
+    # cost: the prompt prefilled once per chunk, and every continuing row re-prefilled (prompt + k tokens)
+    resumed = one["rounds"][0]["continuing"]
+    extra = (chunks - 1) * P + resumed * (P + k)
+    assert g2.cost["target"].positions == g1.cost["target"].positions + extra
+    assert [r["positions"]["target"] for r in many["rounds"]] == \
+        [one["rounds"][0]["positions"]["target"] + extra] + [r["positions"]["target"] for r in one["rounds"][1:]]
+    assert many["rounds"][0]["chunk_rows"] == budget_rows
+
+
+def test_requests_too_large_are_one_line_errors_before_any_work(tiny, tok, tmp_path):
+    ids = chat_prompt(tok, "hi")
+    with pytest.raises(SpecError, match="smaller than one row to the first decision"):
+        SpeculativeRejection(n=4, decision="tokens:3", max_batch_tokens=P + 2).check(P, 10)
+    # 8 rows in chunks of 2, but the 4 survivors of alpha 0.5 need 4 x (P + 4) tokens together
+    with pytest.raises(SpecError, match="the 4 rows that continue after 2 tokens need 96 tokens"):
+        SpeculativeRejection(n=8, alpha=0.5, decision="tokens:2", max_batch_tokens=60).check(P, 12)
+    SpeculativeRejection(n=8, alpha=0.9, decision="tokens:2", max_batch_tokens=60).check(P, 12)  # 1 survivor fits
+    gen = SamplingGenerator(tiny, tok, SamplingParams(1.0), 10)
+    with pytest.raises(SpecError, match="smaller than one row"):
+        BestOfN(n=2, max_batch_tokens=P + 5).run(gen, None, "hi", ids, None)
+    assert gen.cost["target"].positions == 0  # refused before any forward
+    from specalign.decode.adaptive import AdaptiveRejection
+    with pytest.raises(SpecError, match="alpha auto ranks the first round in one batch"):
+        AdaptiveRejection(n=8, decision="tokens:2", max_batch_tokens=60).check(P, 12)
+    for method in ("sample", "best-of-n", "spec-rejection"):
+        out = tmp_path / f"{method}.jsonl"
+        decoder = Decoder(DecodeConfig(method=method, n=4, max_new_tokens=10, max_batch_tokens=P + 5, scorer=""),
+                          generator=SamplingGenerator(tiny, tok, SamplingParams(1.0), 10),
+                          scorer=Scripted([0.0] * 4))
+        with pytest.raises(SpecError, match="max-batch-tokens"):
+            decoder.run(["hi", "hello"], out=str(out), progress=False)
+        assert not out.exists() and decoder.generator.cost["target"].positions == 0

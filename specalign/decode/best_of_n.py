@@ -1,5 +1,6 @@
 """Best-of-N: sample N complete responses, score the finished ones, return the argmax.
 
+    check: one row (prompt + max_new_tokens) fits the token budget, else a one-line error
     for each chunk of rows that fits the token budget:
         start(prompt, chunk)            # one prefill, fanned out
         advance()                       # until every row ends
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import SpecError
 from .generators import Generator
 
 
@@ -23,7 +25,14 @@ class BestOfN:
     def chunk_size(self, prompt_len: int, max_new_tokens: int) -> int:
         return max(1, min(self.n, self.max_batch_tokens // (prompt_len + max_new_tokens)))
 
+    def check(self, prompt_len: int, max_new_tokens: int) -> None:
+        """One row (prompt + max_new_tokens) must fit ``max_batch_tokens``: else a one-line error, before any work."""
+        if prompt_len + max_new_tokens > self.max_batch_tokens:
+            raise SpecError(f"max-batch-tokens {self.max_batch_tokens} is smaller than one row ({prompt_len} prompt + "
+                            f"{max_new_tokens} new tokens): raise it or lower --max-new-tokens")
+
     def run(self, generator: Generator, scorer, prompt: str, prompt_ids: list[int], rng) -> dict:
+        self.check(len(prompt_ids), generator.max_new_tokens)
         chunk = self.chunk_size(len(prompt_ids), generator.max_new_tokens)
         candidates = []
         for first in range(0, self.n, chunk):

@@ -89,9 +89,10 @@ class SpeculativeRejection:
 
     # -- decision points -------------------------------------------------------------------------
     def schedule(self, prompt_len: int) -> tuple[int, int]:
-        """(first decision in new tokens, token budget rows x (prompt + generated))."""
+        """(first decision in new tokens, token budget rows x (prompt + generated)). With ``tokens:K`` the
+        budget is what the first round uses, n x (prompt + K), capped at ``max_batch_tokens``."""
         if self.first_tokens is not None:
-            return self.first_tokens, self.n * (prompt_len + self.first_tokens)
+            return self.first_tokens, min(self.n * (prompt_len + self.first_tokens), self.max_batch_tokens)
         return max(1, self.max_batch_tokens // self.n - prompt_len), self.max_batch_tokens
 
     @staticmethod
@@ -99,49 +100,150 @@ class SpeculativeRejection:
         """Survivors generate until ``alive x (prompt + generated)`` fills the budget, and >= min_step more."""
         return max(generated + min_step, budget // max(1, alive) - prompt_len)
 
+    def chunk_rows(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Rows per batch of the first round: all n when n x (prompt + first decision) fits
+        ``max_batch_tokens``, else as many as fit (the first round then runs in chunks)."""
+        first = min(self.schedule(prompt_len)[0], max_new_tokens)
+        return max(1, min(self.n, self.max_batch_tokens // (prompt_len + first)))
+
+    def check(self, prompt_len: int, max_new_tokens: int) -> None:
+        """A one-line error, before any work, when a prompt cannot run within ``max_batch_tokens``: one row
+        to the first decision, or the rows that survive it (no row finishing early, the worst case)
+        up to each later decision."""
+        first, budget = self.schedule(prompt_len)
+        first = min(first, max_new_tokens)
+        if prompt_len + first > self.max_batch_tokens:
+            raise SpecError(f"max-batch-tokens {self.max_batch_tokens} is smaller than one row to the first decision "
+                            f"({prompt_len} prompt + {first} new tokens): raise it")
+        numeric = isinstance(self.alpha, float)
+        if not numeric and self.chunk_rows(prompt_len, max_new_tokens) < self.n:
+            raise SpecError(f"alpha {self.alpha} ranks the first round in one batch, but n={self.n} rows x ({prompt_len} "
+                            f"prompt + {first} tokens) exceed max-batch-tokens {self.max_batch_tokens}: raise it, lower "
+                            "n, or use a fixed alpha")
+        alive, generated = (self.keep_count(self.n) if numeric else self.n), first
+        while generated < max_new_tokens:
+            nxt = min(max_new_tokens, self.next_decision(generated, alive, prompt_len, budget, first))
+            if alive * (prompt_len + nxt) > self.max_batch_tokens:
+                raise SpecError(f"spec-rejection n={self.n}, alpha={self.alpha}: the {alive} rows that continue after "
+                                f"{generated} tokens need {alive * (prompt_len + nxt)} tokens in one batch, over "
+                                f"max-batch-tokens {self.max_batch_tokens}: raise it, raise alpha or lower n")
+            generated, alive = nxt, self.keep_count(alive) if numeric else alive
+
     # -- the algorithm ---------------------------------------------------------------------------
     def run(self, generator: Generator, scorer, prompt: str, prompt_ids: list[int], rng) -> dict:
         if scorer is None:
             raise SpecError("spec-rejection needs a scorer to rank partial responses: pass --scorer")
         prompt_len = len(prompt_ids)
+        self.check(prompt_len, generator.max_new_tokens)
         first, budget = self.schedule(prompt_len)
-        positions = {name: c.positions for name, c in generator.cost.items()}
+        chunk = self.chunk_rows(prompt_len, generator.max_new_tokens)
+        if chunk < self.n:
+            return self._run_chunked(generator, scorer, prompt, prompt_ids, rng, first, budget, chunk)
+        state = {"ids": list(range(self.n)), "scores": {}, "kept": [], "rounds": [], "saved": {},
+                 "first_positions": {name: c.positions for name, c in generator.cost.items()}}
         generator.start(prompt_ids, self.n, rng)
-        rows = generator.rows
-        scores: dict[int, float] = {}
-        kept: list[int] = []
-        rounds = []
-        target = first
+        return self._rounds(generator, scorer, prompt, prompt_ids, first, budget, first, state)
+
+    def _round_record(self, state, this_round, tokens, positions, top, round_scores, **extra) -> dict:
+        return {"round": len(state["rounds"]) + 1, "decision_tokens": max(len(t) for t in tokens.values()),
+                "rows": len(this_round), "finished": sum(state["finished"][g] for g in this_round),
+                "pool": extra.pop("pool"), "kept": len(top), "continuing": extra.pop("continuing"),
+                "tokens": extra.pop("new_tokens"), "positions": positions, "row_ids": this_round,
+                "scores": [round(x, 6) for x in round_scores], "kept_ids": top, **extra}
+
+    def _rounds(self, generator, scorer, prompt, prompt_ids, first, budget, target, state) -> dict:
+        """Decision rounds on the rows in the generator; ``state["ids"]`` maps its rows to global row ids."""
+        prompt_len = len(prompt_ids)
+        rows, ids = generator.rows, state["ids"]
+        local = {g: i for i, g in enumerate(ids)}
+        scores, rounds, saved = state["scores"], state["rounds"], state["saved"]
+        finished = state.setdefault("finished", {})
+        kept = state["kept"]
+        positions = {name: c.positions for name, c in generator.cost.items()}
+        if "first_positions" in state:  # the prefill (and a chunked first round) belongs to round 1
+            positions = state["first_positions"]
         while generator.active:
-            this_round = list(generator.active)
-            tokens_before = sum(len(rows[i].tokens) for i in this_round)
-            generator.advance(max(1, target - min(len(rows[i].tokens) for i in this_round)))
-            round_scores = scorer([generator.candidate(i, prompt) for i in this_round])
+            this_round = [ids[i] for i in generator.active]
+            tokens_before = sum(len(rows[local[g]].tokens) for g in this_round)
+            generator.advance(max(1, target - min(len(rows[local[g]].tokens) for g in this_round)))
+            round_scores = scorer([generator.candidate(local[g], prompt) for g in this_round])
             scores.update(zip(this_round, round_scores))
+            for g in this_round:
+                finished[g] = rows[local[g]].finished
             pool = kept + this_round
             top = self.select(pool, scores)
             survivors = set(top)
-            generator.drop([i for i in this_round if i not in survivors and not rows[i].done])
-            kept = [i for i in top if rows[i].finished]
-            rounds.append({
-                "round": len(rounds) + 1,
-                "decision_tokens": max(len(rows[i].tokens) for i in this_round),
-                "rows": len(this_round),
-                "finished": sum(rows[i].finished for i in this_round),
-                "pool": len(pool),
-                "kept": len(top),
-                "continuing": len(generator.active),
-                "tokens": sum(len(rows[i].tokens) for i in this_round) - tokens_before,
-                "positions": {name: c.positions - positions.get(name, 0) for name, c in generator.cost.items()},
-                "row_ids": this_round,
-                "scores": [round(s, 6) for s in round_scores],
-                "kept_ids": top,
-            })
+            generator.drop([local[g] for g in this_round if g not in survivors and not rows[local[g]].done])
+            kept = [g for g in top if finished.get(g, False) or g in saved and saved[g]["finished"]]
+            rounds.append(self._round_record(
+                state, this_round, {g: rows[local[g]].tokens for g in this_round},
+                {name: c.positions - positions.get(name, 0) for name, c in generator.cost.items()}, top,
+                round_scores, pool=len(pool), continuing=len(generator.active),
+                new_tokens=sum(len(rows[local[g]].tokens) for g in this_round) - tokens_before))
             positions = {name: c.positions for name, c in generator.cost.items()}
             if generator.active:
                 generated = max(len(rows[i].tokens) for i in generator.active)
                 target = self.next_decision(generated, len(generator.active), prompt_len, budget, first)
-        finished = [i for i in range(len(rows)) if rows[i].finished]
-        best = max(finished, key=lambda i: scores[i])  # first maximum: lowest row id on ties
-        return {"candidates": [generator.candidate(i, prompt) for i in range(len(rows))],
-                "scores": [scores[i] for i in range(len(rows))], "best": best, "rounds": rounds}
+        n = self.n
+        candidates = [saved[g]["candidate"] if g not in local else generator.candidate(local[g], prompt)
+                      for g in range(n)]
+        done = [g for g in range(n) if (finished[g] if g in finished else saved[g]["finished"])]
+        best = max(done, key=lambda g: scores[g])  # first maximum: lowest row id on ties
+        return {"candidates": candidates, "scores": [scores[g] for g in range(n)], "best": best, "rounds": rounds}
+
+    def _run_chunked(self, generator, scorer, prompt, prompt_ids, rng, first, budget, chunk) -> dict:
+        """The first round in chunks of ``chunk`` rows: each chunk is generated to the first decision and
+        scored, its rows' tokens kept (their KV caches are not); the pool is all n rows, and the top
+        round((1 - alpha) n) of them -- exactly the unchunked rule -- continue together, re-prefilled as
+        prompt + their tokens in one batch. Extra target positions over the unchunked run:
+        (chunks - 1) x prompt for the repeated prompt prefill, plus (prompt + tokens) per continuing row."""
+        if not hasattr(generator, "start_batch"):
+            raise SpecError(f"the {generator.name} generator cannot continue rows from their tokens: run "
+                            f"spec-rejection with n x (prompt + first decision) <= max-batch-tokens")
+        start_positions = {name: c.positions for name, c in generator.cost.items()}
+        scores, finished, saved = {}, {}, {}
+        row_scores, new_tokens, decision_tokens, chunks = [], 0, 0, 0
+        for offset in range(0, self.n, chunk):
+            size = min(chunk, self.n - offset)
+            generator.start(prompt_ids, size, rng)
+            generator.advance(first)
+            chunks += 1
+            cands = [generator.candidate(i, prompt) for i in range(size)]
+            values = scorer(cands)
+            row_scores += values
+            for i, (c, v) in enumerate(zip(cands, values)):
+                g = offset + i
+                row = generator.rows[i]
+                scores[g], finished[g] = v, row.finished
+                saved[g] = {"candidate": c, "finished": row.finished, "tokens": list(row.tokens),
+                            "stats": dict(row.stats), "reason": row.reason}
+                new_tokens += len(row.tokens)
+                decision_tokens = max(decision_tokens, len(row.tokens))
+            generator.drop(list(range(size)))  # this chunk's state is not needed any more
+        pool = list(range(self.n))
+        top = self.select(pool, scores)
+        running = sorted(g for g in top if not finished[g])
+        kept = [g for g in top if finished[g]]
+        state = {"ids": running, "scores": scores, "kept": kept, "saved": saved, "finished": {},
+                 "rounds": []}
+        if running:
+            generator.start_batch([list(prompt_ids) + saved[g]["tokens"] for g in running], rng)
+            generator.prompt_ids = list(prompt_ids)
+            generator.row_prompts = [list(prompt_ids) for _ in running]
+            for row, g in zip(generator.rows, running):
+                row.tokens, row.stats = list(saved[g]["tokens"]), dict(saved[g]["stats"])
+        else:
+            generator.rows, generator.active = [], []
+        state["rounds"].append({
+            "round": 1, "decision_tokens": decision_tokens, "rows": self.n,
+            "finished": sum(finished.values()), "pool": self.n, "kept": len(top), "continuing": len(running),
+            "tokens": new_tokens,
+            "positions": {name: c.positions - start_positions.get(name, 0) for name, c in generator.cost.items()},
+            "row_ids": pool, "scores": [round(x, 6) for x in row_scores], "kept_ids": top, "chunks": chunks,
+            "chunk_rows": chunk})
+        state["first_positions"] = {name: c.positions for name, c in generator.cost.items()}
+        target = first
+        if running:
+            generated = max(len(saved[g]["tokens"]) for g in running)
+            target = self.next_decision(generated, len(running), len(prompt_ids), budget, first)
+        return self._rounds(generator, scorer, prompt, prompt_ids, first, budget, target, state)
