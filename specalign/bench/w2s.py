@@ -594,6 +594,8 @@ def table(report: dict) -> str:
     lines += ["", f"Pareto frontier, gold vs target calls: {', '.join(agg['frontier_target_calls'])}",
               f"Pareto frontier, gold vs target positions: {', '.join(agg['frontier_target_positions'])}",
               "", "Targets:", ""]
+    if not agg["targets"]:
+        lines.append("- none checked: every target compares SSS methods, which did not run (see Skipped)")
     for name, t in agg["targets"].items():
         detail = {k: v for k, v in t.items() if k not in ("target", "met")}
         lines.append(f"- {name}: {t['target']} -- {'MET' if t['met'] else 'missed'} "
