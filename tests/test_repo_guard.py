@@ -36,7 +36,7 @@ OUTSIDE = [
 HISTORY = [
     ("numbered work session", re.compile(r"\bsessions?[\s_-]*\d+", re.IGNORECASE)),
     ("a machine the work ran on before",
-     re.compile(r"\b(?:previous|earlier|former|old|other|faster|slower|current),?\s+(?:\w+,?\s+)?machines?\b", re.IGNORECASE)),
+     re.compile(r"\b(?:previous|earlier|former|old|current),?\s+(?:\w+,?\s+)?machines?\b", re.IGNORECASE)),
     ("a change of machine", re.compile(r"\bmachine\s+changed\b", re.IGNORECASE)),
     ("a draft, run or session from before", re.compile(r"\bearlier\s+(?:drafts?|sessions?|runs?|machines?)\b", re.IGNORECASE)),
     ("figures that were not re-run",
@@ -140,6 +140,8 @@ def test_guard_catches_work_history(line):
     "see https://github.com/huggingface/transformers/blob/main/README.md",
     "the previous decision's scores",
     "2-core CPU, no GPU",
+    "put a proxy that authenticates in front of it before letting other machines reach it",
+    "on a faster machine the ratio stays the same",
 ])
 def test_guard_allows_ordinary_text(line):
     assert violations("docs/example.md", line) == []
