@@ -446,8 +446,8 @@ def aggregate(cfg: W2SBenchConfig, records: list[dict], methods: list[str]) -> d
                       "decision": cfg.decision}
             extra = {"mean_tokens": _mean(x["tokens"] for x in runs),
                      "scorer_positions": _mean(x["scorer_positions"] for x in runs),
-                     "target_calls_per_token": _mean(x.get("target_calls_per_token") or x["target_calls"] / max(1, x["tokens"])
-                                                     for x in runs)}
+                     # a sampled row costs one target forward per token; SSS rows report their own rate
+                     "target_calls_per_token": _mean(x.get("target_calls_per_token") or 1.0 for x in runs)}
             if "sss" in method:
                 params.update(gamma=cfg.gamma, **{"lambda": float(cfg.shift_lambda)})
                 extra["acceptance_rate"] = _mean(x["acceptance_rate"] for x in runs)
@@ -489,7 +489,7 @@ def compare(rows: list[dict]) -> None:
             r["vs_best_of_8"] = paired(r["_gold"], bo8["_gold"])
         for axis in ("target_positions", "target_calls"):
             ref = matched_bon(rows, r, axis)
-            if ref is not None and ref is not r and r["method"] != "best-of-n":
+            if ref is not None and r["method"] not in ("best-of-n", "sample"):  # sample is Best-of-1 itself
                 r[f"vs_bon_matched_{axis}"] = {"bon_n": ref["params"]["n"], **paired(r["_gold"], ref["_gold"])}
         if bon and r["target_positions"] > 0:
             need, rel = reference_compute_for(r["mean_gold"], [b["target_positions"] for b in bon],
