@@ -122,3 +122,45 @@ def test_value_head_refuses_another_model_and_speculative(head_dir, tiny_dir, tm
     with pytest.raises(SpecError, match="with the sample generator, not speculative"):
         Decoder(DecodeConfig(model=model, method="best-of-n", generator="speculative", draft=model,
                              scorer=f"value:{head}", max_new_tokens=4))
+
+
+def test_replayed_rows_carry_the_states_the_live_rows_had(tiny, tok):
+    from specalign.bench.common import RecordingSampler, ReplayGenerator, recorded_rows
+    prompt = [1, 8, 3, 11]
+    rec = RecordingSampler(tiny, tok, SamplingParams(1.0), max_new_tokens=10, eos_ids={2})
+    rec.track_hidden()
+    rec.start(prompt, 5, torch.Generator().manual_seed(4))
+    rec.advance()
+    live = SamplingGenerator(tiny, tok, SamplingParams(1.0), max_new_tokens=10, eos_ids={2})
+    live.track_hidden()
+    live.start(prompt, 5, torch.Generator().manual_seed(4))
+    live.advance(3)
+    replay = ReplayGenerator(tok, recorded_rows(rec), 10, {2})
+    replay.start(prompt, 5)
+    replay.advance(3)
+    assert replay.active == live.active
+    for i in live.active:
+        a, b = live.candidate(i, "p").stats, replay.candidate(i, "p").stats
+        assert torch.equal(a["hidden"], b["hidden"]) and torch.equal(a["prompt_hidden"], b["prompt_hidden"])
+
+
+def test_bench_spr_ranks_by_the_head_measured_and_replayed(head_dir, tmp_path):
+    model, head = head_dir
+    prompts = prompt_file(tmp_path / "p.json", template_prompts(2, offset=300))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "specalign.cli", "bench", "spr", "--model", model, "--prompts", prompts,
+                           "--tasks", SCORER, "--max_new_tokens", "16", "--bon_n", "8", "--reference_n", "2",
+                           "--spr", "8:0.5:tokens:4", "--simulate", "8:0.5:tokens:4", "--rankers", "task",
+                           f"value:{head}", "--measured_rankers", f"value:{head}", "--output_dir", str(out),
+                           "--threads", "1"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    for p in results["per_prompt"]:
+        run = p["spr"][f"{SCORER}|8:0.5:tokens:4|value:{head}"]
+        assert run["rounds"][0][:3] == [4, 8, 4]  # 8 rows ranked by the head after 4 tokens, 4 kept
+        assert p["simulated"][f"{SCORER}|8:0.5:tokens:4|value:{head}"]["blocks"] == 1
+    points = [m for m in results["tasks"][SCORER]["methods"] if m.get("ranker") == f"value:{head}"]
+    assert sorted(m["simulated"] for m in points) == [False, True]
+    table = (out / "table.md").read_text()
+    assert f"SpR (value:{head})" in table and f"SpR (replayed, value:{head})" in table

@@ -11,9 +11,6 @@ from specalign.train.data import load_preferences, parse_columns, split_rows, to
 from specalign.train.preferences import pairs_of
 from specalign.train.testing import a_share, prompt_file, save_tiny_model, template_prompts
 
-SAFERLHF = Path("/work/shared/data/saferlhf_200.jsonl")
-
-
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
     torch.set_num_threads(1)
@@ -108,14 +105,13 @@ def test_column_mapping_and_forms(tmp_path):
     assert len(held) == 2 and sorted(train + held) == list(range(10))
 
 
-@pytest.mark.skipif(not SAFERLHF.is_file(), reason="shared data not present")
-def test_saferlhf_through_the_recipe_mapping(tmp_path):
+def test_saferlhf_by_name_through_the_built_in_mapping(tmp_path, named_data):
+    """`from_data: saferlhf` resolves the local copy in $SPECALIGN_DATA and maps its columns itself."""
     from specalign.train.preferences import run
     from specalign.train.preferences_config import PreferencesConfig
-    run(PreferencesConfig(output_dir=str(tmp_path / "s"), from_data=str(SAFERLHF),
-                          columns="chosen=real,rejected=generated"))
+    run(PreferencesConfig(output_dir=str(tmp_path / "s"), from_data="saferlhf"))
     rows = [json.loads(x) for x in (tmp_path / "s" / "data.jsonl").read_text().splitlines()]
-    raw = [json.loads(x) for x in SAFERLHF.read_text().splitlines()]
-    assert len(rows) == len(raw) == 200
+    raw = [json.loads(x) for x in (Path(named_data) / "saferlhf_200.jsonl").read_text().splitlines()]
+    assert len(rows) == len(raw) == 12
     for r, x in zip(rows, raw):
         assert r["prompt"] == x["real"][:-1] and r["chosen"] == x["real"][-1:] and r["rejected"] == x["generated"][-1:]

@@ -4,7 +4,7 @@
   M samples drawn without replacement (exact order statistics), so one batch of M samples gives the
   whole Best-of-N curve N = 1..M without the noise of picking one subset.
 - ``improvement_score``: 100 x (1 + mean_p (method_p - best0_p) / (best0_p - worst0_p)), BoN0 the
-  smallest reference Best-of-N (DESIGN.md); prompts whose reference spread is 0 are left out and counted.
+  smallest reference Best-of-N (docs/spec_rejection.md); prompts whose reference spread is 0 are left out and counted.
 - ``reference_compute_for`` / ``speedup``: the compute Best-of-N needs for a score, log-linear
   interpolation between the two curve points around it; outside the curve the answer is a bound.
 - ``improvement_terms`` / ``mean_se``: per-prompt improvement terms and a mean with its standard error
@@ -223,12 +223,18 @@ def set_threads(threads: int) -> None:
 
 # -- recorded samples ---------------------------------------------------------------------------------------
 class RecordingSampler(SamplingGenerator):
-    """Plain target sampling that also keeps every token's raw log-prob in ``row.stats["token_logps"]``."""
+    """Plain target sampling that also keeps every token's raw log-prob in ``row.stats["token_logps"]`` and,
+    after ``track_hidden()``, the target's state before every token in ``row.stats["hidden_seq"]`` (index
+    j = the state after j response tokens; 0 = after the prompt), for replays ranked by a value head on
+    the target's own states."""
 
     def _emit(self, new_tokens, logps=None):
         if logps is not None:
             for pos, i in enumerate(self.active):
                 self.rows[i].stats.setdefault("token_logps", []).extend(float(x) for x in logps[pos])
+        if self._hook is not None:
+            for pos, i in enumerate(self.active):
+                self.rows[i].stats.setdefault("hidden_seq", []).append(self.last_hidden[pos])
         super()._emit(new_tokens, logps)
 
 
@@ -238,13 +244,16 @@ class Recorded:
     tokens: list[int]
     token_logps: list[float]
     reason: str
+    hidden: torch.Tensor | None = None  # (tokens, H) target states (RecordingSampler.track_hidden); never saved
 
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "token_logps": self.token_logps, "reason": self.reason}
 
 
 def recorded_rows(generator: Generator) -> list[Recorded]:
-    return [Recorded(list(r.tokens), list(r.stats.get("token_logps", [])), r.reason) for r in generator.rows]
+    return [Recorded(list(r.tokens), list(r.stats.get("token_logps", [])), r.reason,
+                     torch.stack(r.stats["hidden_seq"]) if r.stats.get("hidden_seq") else None)
+            for r in generator.rows]
 
 
 class ReplayGenerator(Generator):
@@ -278,6 +287,13 @@ class ReplayGenerator(Generator):
     def _prefill(self, prompt_ids, n):
         self._cost.positions += len(prompt_ids)
         self._cost.calls += 1
+
+    def hidden_of(self, i: int) -> dict:
+        """A recorded row's target states, as the live generator hands them to a value head."""
+        rec, row = self.recorded[i], self.rows[i]
+        if rec.hidden is None:
+            return {}
+        return {"prompt_hidden": rec.hidden[0], **({} if row.done else {"hidden": rec.hidden[len(row.tokens)]})}
 
     def _step(self):
         new, logps = [], []

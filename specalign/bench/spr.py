@@ -74,6 +74,9 @@ class SprBenchConfig:
                                metadata={"help": "scorers ranking partial responses in --simulate replays: task (the "
                                                  "task's own scorer), oracle:M (Monte Carlo value, M continuations), "
                                                  "or any scorer spec (value:DIR, rm:MODEL, ...)"})
+    measured_rankers: list[str] = field(default_factory=list, metadata={
+        "help": "also run every --spr entry for real with these rankers (scorer specs such as value:DIR; finished "
+                "responses score the task)"})
     oracle_batch_tokens: int = field(default=65536,
                                      metadata={"help": "rows x (prompt + max-new-tokens) per oracle batch"})
     max_batch_tokens: int = field(default=1_000_000, metadata={"help": "token budget (decision=budget)"})
@@ -97,6 +100,10 @@ class SprBenchConfig:
             spr_from_entry(entry, self.max_batch_tokens)
         if not self.rankers:
             raise SpecError("give at least one ranker (--rankers task oracle:8 value:DIR)")
+        for ranker in self.measured_rankers:
+            if ranker == "task" or parse_oracle(ranker) is not None or ":" not in ranker:
+                raise SpecError(f"measured ranker {ranker!r}: give a scorer spec such as value:DIR (the task ranks "
+                                "every --spr entry already; oracles are replayed with --rankers)")
         for ranker in self.rankers:
             parse_oracle(ranker)
             if ranker != "task" and ":" not in ranker:
@@ -151,11 +158,14 @@ def run_best_of_n(config, index: int, prompt: str, tokenizer, scorers: dict, sam
         record["bon"]["score_wall_s"][task] = time.perf_counter() - start
         record["bon"]["score_cpu_s"][task] = time.process_time() - cpu
     samples = {"index": index, "prompt": prompt, "prompt_ids": ids, "rows": [r.as_dict() for r in rows]}
+    if any(r.hidden is not None for r in rows):
+        samples["hidden"] = [r.hidden for r in rows]
     return record, samples
 
 
-def run_measured(config, record: dict, tokenizer, scorers: dict, sampler) -> bool:
-    """Every ``--spr`` entry the record lacks, run for real with the prompt's seed; True if any ran."""
+def run_measured(config, record: dict, tokenizer, scorers: dict, sampler, rankers: dict | None = None) -> bool:
+    """Every ``--spr`` entry the record lacks, run for real with the prompt's seed, ranked by the task and by
+    every ``--measured-rankers`` entry; True if any ran."""
     from ..decode.api import prompt_seed
     from ..models.loading import chat_prompt
     from ..models.scorers import ScorerCost
@@ -181,9 +191,12 @@ def run_measured(config, record: dict, tokenizer, scorers: dict, sampler) -> boo
             entry["score_cpu_s"][task] = time.process_time() - cpu
         direct[str(n)] = entry
         ran = True
-    for task, scorer in scorers.items():
+    measured = [(task, scorer, "task") for task, scorer in scorers.items()]
+    measured += [(task, scorer, ranker) for ranker in config.measured_rankers
+                 for task, scorer in (rankers or {}).get(ranker, {}).items()]
+    for task, scorer, ranker in measured:
         for entry in config.spr:
-            key = f"{task}|{entry}"
+            key = simulated_key(task, entry, ranker)
             if key in record["spr"]:
                 continue
             spr = spr_from_entry(entry, config.max_batch_tokens)
@@ -225,7 +238,7 @@ def build_rankers(config, model, tokenizer, scorers: dict, eos_ids) -> dict:
     from ..decode.sampling import SamplingParams
     from ..models.scorers import build_scorer
     out = {}
-    for spec in config.rankers:
+    for spec in dict.fromkeys([*config.rankers, *config.measured_rankers]):
         m = parse_oracle(spec)
         if spec == "task":
             out[spec] = dict(scorers)
@@ -245,7 +258,8 @@ def run_simulated(config, record: dict, samples: dict, tokenizer, scorers: dict,
     An oracle ranker's continuations start from the prompt's own stream (seed, index) and are cached over
     the entries of one prompt; their target positions and wall time are recorded apart (``oracle``)."""
     from ..decode.api import prompt_seed
-    rows = [Recorded(r["tokens"], r["token_logps"], r["reason"]) for r in samples["rows"]]
+    hidden = samples.get("hidden") or [None] * len(samples["rows"])  # in memory only: never in samples.jsonl
+    rows = [Recorded(r["tokens"], r["token_logps"], r["reason"], h) for r, h in zip(samples["rows"], hidden)]
     rankers = rankers if rankers is not None else {"task": scorers}
     ran = False
     for ranker, by_task in rankers.items():
@@ -344,11 +358,11 @@ def aggregate(config, records: list[dict], params: int) -> dict:
                                      "speedup": speedup(imp, positions, ref_c, ref_s),
                                      "speedup_wall": speedup(imp, wall, ref_w, ref_s)},
                                     improvement_terms(best, ref_best, ref_worst), costs, walls, boot(best, costs)))
-        entries = [("spr", e, "task") for e in config.spr]
+        entries = [("spr", e, ranker) for ranker in ["task", *config.measured_rankers] for e in config.spr]
         entries += [("simulated", e, ranker) for ranker in config.rankers for e in config.simulate]
         oracle_cost: dict[str, list] = {}
         for kind, entry, ranker in entries:
-            key = f"{task}|{entry}" if kind == "spr" else simulated_key(task, entry, ranker)
+            key = simulated_key(task, entry, ranker)
             runs = [r[kind][key] for r in records]
             spr = spr_from_entry(entry, config.max_batch_tokens)
             best = [x["score"] for x in runs]
@@ -441,7 +455,8 @@ def table(report: dict) -> str:
                 params = f"N={x['params']['n']}"
             else:
                 ranker = x.get("ranker", "task")
-                name = f"SpR (replayed, {ranker})" if x["simulated"] else "SpR"
+                name = (f"SpR (replayed, {ranker})" if x["simulated"] else
+                        "SpR" if ranker == "task" else f"SpR ({ranker})")
                 params = f"N={x['params']['n']} a={x['params']['alpha']} {x['params']['decision']}"
             vs = x.get("vs_best_of_max")
             sp = format_speedup(x.get("speedup"))
@@ -550,6 +565,9 @@ def run(config: SprBenchConfig) -> dict:
     scorers = {t: build_scorer(t, generator_model=model, generator_tokenizer=tokenizer, dtype=config.dtype)
                for t in config.tasks}
     rankers = build_rankers(config, model, tokenizer, scorers, sampler.eos_ids)
+    if any(getattr(getattr(sc, "partial", sc), "needs_hidden", False) for by_task in rankers.values()
+           for sc in by_task.values()):
+        sampler.track_hidden()  # a value head on the target's own states ranks some runs
     work = Path(config.work_dir) if config.work_dir else None
     done, samples = {}, {}
     if work:
@@ -565,7 +583,7 @@ def run(config: SprBenchConfig) -> dict:
             record = done[index]
             changed = False
             if not config.aggregate_only:
-                changed = run_measured(config, record, tokenizer, scorers, sampler)
+                changed = run_measured(config, record, tokenizer, scorers, sampler, rankers)
             if index in samples:
                 changed |= run_simulated(config, record, samples[index], tokenizer, scorers, sampler.eos_ids,
                                          rankers)
@@ -575,8 +593,9 @@ def run(config: SprBenchConfig) -> dict:
             continue
         else:
             record, sample = run_best_of_n(config, index, prompts[index], tokenizer, scorers, sampler)
-            run_measured(config, record, tokenizer, scorers, sampler)
+            run_measured(config, record, tokenizer, scorers, sampler, rankers)
             run_simulated(config, record, sample, tokenizer, scorers, sampler.eos_ids, rankers)
+            sample.pop("hidden", None)
             if work:
                 done[index] = record
                 with open(work / "samples.jsonl", "a", encoding="utf-8") as fh:
@@ -586,7 +605,8 @@ def run(config: SprBenchConfig) -> dict:
         records.append(record)
     if not records:
         raise SpecError("no prompts recorded yet: run without --aggregate-only first")
-    missing = [e for e in config.spr for r in records for t in config.tasks if f"{t}|{e}" not in r["spr"]]
+    missing = [simulated_key(t, e, k) for e in config.spr for k in ["task", *config.measured_rankers]
+               for t in config.tasks for r in records if simulated_key(t, e, k) not in r["spr"]]
     missing += [f"bon-direct {n}" for n in config.bon_direct for r in records if str(n) not in r.get("direct", {})]
     missing += [simulated_key(t, e, k) for e in config.simulate for k in config.rankers for t in config.tasks
                 for r in records if simulated_key(t, e, k) not in r["simulated"]]
@@ -602,7 +622,7 @@ def run(config: SprBenchConfig) -> dict:
                             "bon_capped": sum(x == "length" for x in r["bon"]["reasons"]),
                             "direct": {n: {"positions": d["positions"], "gen_wall_s": d["gen_wall_s"]}
                                        for n, d in r.get("direct", {}).items() if int(n) in config.bon_direct},
-                            "spr": {k: v for k, v in r["spr"].items() if k.split("|", 1)[1] in config.spr},
+                            "spr": {k: v for k, v in r["spr"].items() if k.split("|")[1] in config.spr},
                             "simulated": {k: {kk: vv for kk, vv in v.items() if kk != "rounds"}
                                           for k, v in r["simulated"].items() if k.split("|")[1] in config.simulate}}
                            for r in records]}

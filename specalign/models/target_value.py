@@ -118,8 +118,12 @@ class TargetValueScorer(Scorer):
 
     def _score(self, candidates: list[Candidate]) -> list[float]:
         out = [math.nan] * len(candidates)
-        ended = [i for i, c in enumerate(candidates) if c.finished or "hidden" not in c.stats]
-        running = [i for i in range(len(candidates)) if i not in set(ended)]
+        ended = [i for i, c in enumerate(candidates) if c.finished]
+        running = [i for i, c in enumerate(candidates) if not c.finished]
+        if any("hidden" not in candidates[i].stats for i in running):
+            raise SpecError(f"scorer {self.name} ranks running responses by the target's hidden states, and these "
+                            "candidates carry none: use the sample generator (it keeps them once track_hidden() "
+                            "is called, as Decoder does)")
         for i, s in zip(ended, self.final([candidates[i] for i in ended])):
             out[i] = s
         if running:
