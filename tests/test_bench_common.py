@@ -217,10 +217,14 @@ def test_bench_spr_and_correlation_end_to_end(tiny_dir, tmp_path):
     # resuming reads the records instead of recomputing them, and adds the entries they lack
     more = [a if a != "4:0.5:tokens:2" else "4:0.5:tokens:2 8:0.75:tokens:3".split()[0] for a in args]
     more.insert(more.index("--simulate") + 1, "8:0.75:tokens:3")
-    assert spr.main(more + ["--aggregate-only"]) == 0
+    # (--oracle-simulate: the oracle replays only the entries named, so the new entry gets no oracle run)
+    assert spr.main(more + ["--oracle-simulate", "8:0.5:tokens:2", "--aggregate-only"]) == 0
     again = [json.loads(x) for x in (work / "records.jsonl").read_text().splitlines()]
     assert len(again) == 2 and [r["bon"] for r in again] == [r["bon"] for r in records]
     assert all("loglik:self|8:0.75:tokens:3" in r["simulated"] for r in again)
+    assert not any("loglik:self|8:0.75:tokens:3|oracle:2" in r["simulated"] for r in again)
+    rows = json.loads((out / "results.json").read_text())["tasks"]["loglik:self"]["methods"]
+    assert [m["params"]["alpha"] for m in rows if m.get("ranker") == "oracle:2"] == [0.5]
     assert [r["spr"] for r in again] == [r["spr"] for r in records]
     assert len((work / "samples.jsonl").read_text().splitlines()) == 2
     cout = tmp_path / "corr"
@@ -255,7 +259,8 @@ def test_bench_bad_input(tmp_path):
     for args, match in ((["--bon-n", "12"], "power of 2"), (["--reference-n", "1"], "reference-n"),
                         (["--spr", "128:0.9"], "N:ALPHA:DECISION"), (["--spr", "8:auto:tokens:4"], "auto"),
                         (["--simulate", "256:0.5:tokens:8"], "divide"), (["--nonsense", "1"], "unknown"),
-                        (["--rankers", "oracle:3"], "even"), (["--rankers", "nothing"], "unknown ranker")):
+                        (["--rankers", "oracle:3"], "even"), (["--rankers", "nothing"], "unknown ranker"),
+                        (["--simulate", "8:0.5:tokens:2", "--oracle-simulate", "8:0.9:tokens:2"], "not one of")):
         with pytest.raises(SpecError, match=match):
             spr.main(args + ["--output-dir", str(tmp_path / "o")])
     with pytest.raises(SpecError, match="samples file not found"):

@@ -77,6 +77,9 @@ class SprBenchConfig:
     measured_rankers: list[str] = field(default_factory=list, metadata={
         "help": "also run every --spr entry for real with these rankers (scorer specs such as value:DIR; finished "
                 "responses score the task)"})
+    oracle_simulate: list[str] = field(default_factory=list, metadata={
+        "help": "the --simulate entries oracle rankers replay (default: all; an oracle samples M continuations of "
+                "every prefix it ranks, so it is the costly ranker)"})
     oracle_batch_tokens: int = field(default=65536,
                                      metadata={"help": "rows x (prompt + max-new-tokens) per oracle batch"})
     max_batch_tokens: int = field(default=1_000_000, metadata={"help": "token budget (decision=budget)"})
@@ -108,11 +111,18 @@ class SprBenchConfig:
             parse_oracle(ranker)
             if ranker != "task" and ":" not in ranker:
                 raise SpecError(f"unknown ranker {ranker!r}: use task, oracle:M or a scorer spec (value:DIR, ...)")
+        for entry in self.oracle_simulate:
+            if entry not in self.simulate:
+                raise SpecError(f"--oracle-simulate {entry}: not one of the --simulate entries {self.simulate}")
         for entry in self.simulate:
             n = spr_from_entry(entry, self.max_batch_tokens).n
             if n > self.bon_n or self.bon_n % n:
                 raise SpecError(f"--simulate {entry}: N must divide bon-n={self.bon_n} (it replays those samples)")
         return self
+
+    def replays(self, ranker: str) -> list[str]:
+        """The --simulate entries a ranker replays: all of them, or --oracle-simulate for an oracle."""
+        return (self.oracle_simulate or self.simulate) if parse_oracle(ranker) is not None else self.simulate
 
 
 def spr_from_entry(entry: str, max_batch_tokens: int):
@@ -264,7 +274,7 @@ def run_simulated(config, record: dict, samples: dict, tokenizer, scorers: dict,
     ran = False
     for ranker, by_task in rankers.items():
         for task, scorer in by_task.items():
-            keys = [(entry, simulated_key(task, entry, ranker)) for entry in config.simulate]
+            keys = [(entry, simulated_key(task, entry, ranker)) for entry in config.replays(ranker)]
             if all(key in record["simulated"] for _, key in keys):
                 continue
             if isinstance(scorer, OracleScorer):
@@ -359,7 +369,7 @@ def aggregate(config, records: list[dict], params: int) -> dict:
                                      "speedup_wall": speedup(imp, wall, ref_w, ref_s)},
                                     improvement_terms(best, ref_best, ref_worst), costs, walls, boot(best, costs)))
         entries = [("spr", e, ranker) for ranker in ["task", *config.measured_rankers] for e in config.spr]
-        entries += [("simulated", e, ranker) for ranker in config.rankers for e in config.simulate]
+        entries += [("simulated", e, ranker) for ranker in config.rankers for e in config.replays(ranker)]
         oracle_cost: dict[str, list] = {}
         for kind, entry, ranker in entries:
             key = simulated_key(task, entry, ranker)
@@ -608,7 +618,7 @@ def run(config: SprBenchConfig) -> dict:
     missing = [simulated_key(t, e, k) for e in config.spr for k in ["task", *config.measured_rankers]
                for t in config.tasks for r in records if simulated_key(t, e, k) not in r["spr"]]
     missing += [f"bon-direct {n}" for n in config.bon_direct for r in records if str(n) not in r.get("direct", {})]
-    missing += [simulated_key(t, e, k) for e in config.simulate for k in config.rankers for t in config.tasks
+    missing += [simulated_key(t, e, k) for k in config.rankers for e in config.replays(k) for t in config.tasks
                 for r in records if simulated_key(t, e, k) not in r["simulated"]]
     if missing:
         raise SpecError(f"entry {missing[0]} is missing from some records: run without --aggregate-only")
