@@ -59,7 +59,7 @@ def head_dir(tmp_path_factory):
     env = {**os.environ, "SPECALIGN_DATA": data, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "specalign.cli", "train", "value", "--features", "target",
                            "--model", model, "--scorer", SCORER, "--output_dir", str(root / "head"), "--limit", "40",
-                           "--eval_prompts", "8", "--k", "6", "--max_new_tokens", "20", "--batch_rows", "60",
+                           "--eval_prompts", "8", "--val_prompts", "8", "--k", "6", "--max_new_tokens", "20", "--batch_rows", "60",
                            "--epochs", "40", "--train_lengths", "2,4,6,8,12", "--report_lengths", "4,8",
                            "--oracle_m", "4", "--oracle_prompts", "4", "--torch_threads", "1"],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -72,12 +72,16 @@ def test_train_writes_head_and_report(head_dir):
     meta = json.loads((Path(head) / "target_value.json").read_text())
     assert meta["base_model"] == model and meta["scorer"] == SCORER and meta["partial"]
     rep = json.loads((Path(head) / "value_report.json").read_text())
-    assert rep["eval_prompts"] == 8 and rep["train_prompts"] == 32 and rep["features"] == "target"
+    assert rep["eval_prompts"] == 8 and rep["val_prompts"] == 8 and rep["train_prompts"] == 24
+    assert rep["features"] == "target" and rep["residual"] and meta["residual"]
+    # the epoch kept is the one the validation prompts liked best (epoch 0: the partial score alone)
+    val_r = rep["val_r_by_epoch"]
+    assert len(val_r) == 41 and val_r[rep["epoch_kept"]] == max(val_r)
     assert set(rep["by_prefix_length"]) == {"4", "8"}
     for k, e in rep["by_prefix_length"].items():
         assert e["prompts"] == 8 and e["prefixes"] > 20
         # the share of 'a' so far predicts the final share: the scorer on the partial text predicts it, and
-        # the head (which takes that score as an input) learned a real predictor from 32 prompts' samples
+        # the head (a correction to that score) learned a real predictor from 24 prompts' samples
         assert e["partial_text_r"] > 0.3
         assert e["value_head_r"] > 0.2
         assert -1 <= e["oracle"]["r"] <= 1 and e["oracle"]["m"] == 4 and e["oracle"]["prompts"] == 4
@@ -164,3 +168,24 @@ def test_bench_spr_ranks_by_the_head_measured_and_replayed(head_dir, tmp_path):
     assert sorted(m["simulated"] for m in points) == [False, True]
     table = (out / "table.md").read_text()
     assert f"SpR (value:{head})" in table and f"SpR (replayed, value:{head})" in table
+
+
+def test_residual_head_starts_as_the_partial_score_and_learns_a_correction():
+    from specalign.models.target_value import TargetValueHead
+    from specalign.train.target_value import TargetValueConfig, fit
+    torch.manual_seed(0)
+    head = TargetValueHead(4, width=16, partial=True, residual=True)
+    h, h0, k, partial = torch.randn(256, 4), torch.randn(256, 4), torch.randint(1, 9, (256,)), torch.rand(256)
+    x = head.features(h, h0, k, partial)
+    y = partial + 0.5 * h[:, 0]  # the final score: the partial score plus what the state knows
+    head.standardize(x, y)
+    with torch.no_grad():  # untrained: the partial score plus a constant (it ranks exactly like the partial score)
+        assert head(x).tolist() == pytest.approx((partial + head.y_mean).tolist(), abs=1e-6)
+    cfg = TargetValueConfig(output_dir="unused", epochs=60, learning_rate=3e-3, weight_decay=0.0, batch_size=64)
+    head = TargetValueHead(4, width=16, partial=True, residual=True)
+    losses, val_r, kept = fit(head, x, y, cfg)
+    assert val_r == [] and kept == 60 and losses[-1] < 0.1 * losses[0]
+    with torch.no_grad():
+        assert float(((head(x) - y) ** 2).mean()) < 0.1 * float(((partial - y) ** 2).mean())
+    with pytest.raises(SpecError, match="needs partial"):
+        TargetValueHead(4, partial=False, residual=True)

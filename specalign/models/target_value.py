@@ -4,11 +4,12 @@ While the target generates, every running row's last-layer state (the final norm
 LM head turns into the next-token logits) is computed anyway. After k response tokens that state
 summarises prompt + prefix; a small MLP on it predicts the final score of the whole response:
 
-    v(prefix) = MLP([h_k, h_0, log(1 + k), s_k])
+    v(prefix) = s_k + MLP([h_k, h_0, log(1 + k), s_k])      (residual; or MLP(...) alone)
 
 with h_k the state after the k-th response token, h_0 the state after the prompt (the prompt's
-baseline), and s_k the learned scorer on the partial text (so the head learns a correction to it;
-optional). Features and target are standardised with the training set's statistics (kept in the
+baseline), and s_k the learned scorer on the partial text (optional). With ``residual`` the MLP
+learns a correction to s_k and starts at zero (its last layer zero-initialised), so an untrained or
+early-stopped head ranks exactly like the scorer on partial text. Features and target are standardised with the training set's statistics (kept in the
 head). ``TargetValueScorer`` (``--scorer value:DIR`` on such a directory) reads h_k / h_0 from the
 candidates the sampling generator hands it (``SamplingGenerator.track_hidden``); finished rows score
 the learned scorer's final score, so all candidates compete on one scale. It costs no target position.
@@ -49,12 +50,18 @@ def model_fingerprint(model) -> str:
 
 
 class TargetValueHead(nn.Module):
-    def __init__(self, hidden_size: int, width: int = 256, partial: bool = True):
+    def __init__(self, hidden_size: int, width: int = 256, partial: bool = True, residual: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
-        self.hidden_size, self.width, self.partial = hidden_size, width, partial
+        if residual and not partial:
+            raise SpecError("a residual value head corrects the partial score: it needs partial=True")
+        self.hidden_size, self.width, self.partial, self.residual = hidden_size, width, partial, residual
         dim = 2 * hidden_size + 1 + int(partial)
-        self.net = nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
-                                 nn.Linear(width, 1))
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width),
+                                 nn.GELU(), nn.Dropout(dropout), nn.Linear(width, 1))
+        if residual:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
         self.register_buffer("x_mean", torch.zeros(dim))
         self.register_buffer("x_std", torch.ones(dim))
         self.register_buffer("y_mean", torch.zeros(()))
@@ -66,30 +73,38 @@ class TargetValueHead(nn.Module):
             cols.append(partial.float()[:, None])
         return torch.cat(cols, dim=1)
 
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """What the MLP corrects: the partial score (last feature) for a residual head, else 0."""
+        return x[:, -1] if self.residual else torch.zeros_like(x[:, 0])
+
     def standardize(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Fix the feature / target statistics from the training set."""
+        """Fix the feature / target statistics (the target: y minus the base) from the training set."""
+        t = y - self.base(x)
         self.x_mean.copy_(x.mean(0))
         self.x_std.copy_(x.std(0).clamp(min=1e-4))
-        self.y_mean.copy_(y.mean())
-        self.y_std.copy_(y.std().clamp(min=1e-6))
+        self.y_mean.copy_(t.mean())
+        self.y_std.copy_(t.std().clamp(min=1e-6))
+
+    def standardized_target(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (y - self.base(x) - self.y_mean) / self.y_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted final score, on the scorer's scale."""
-        return self.net((x - self.x_mean) / self.x_std).squeeze(-1) * self.y_std + self.y_mean
+        return self.net((x - self.x_mean) / self.x_std).squeeze(-1) * self.y_std + self.y_mean + self.base(x)
 
     def save(self, directory, meta: dict) -> None:
         from safetensors.torch import save_file
         directory = Path(directory)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS))
         (directory / META).write_text(json.dumps({**meta, "hidden_size": self.hidden_size, "width": self.width,
-                                                  "partial": self.partial}, indent=2))
+                                                  "partial": self.partial, "residual": self.residual}, indent=2))
 
     @classmethod
     def load(cls, directory) -> tuple["TargetValueHead", dict]:
         from safetensors.torch import load_file
         directory = Path(directory)
         meta = json.loads((directory / META).read_text())
-        head = cls(meta["hidden_size"], meta["width"], meta["partial"])
+        head = cls(meta["hidden_size"], meta["width"], meta["partial"], meta.get("residual", False))
         head.load_state_dict(load_file(str(directory / WEIGHTS)))
         return head.eval(), meta
 

@@ -58,7 +58,13 @@ class TargetValueConfig(StepArgs):
                                metadata={"help": "prefix lengths (tokens) the head is fitted on"})
     report_lengths: str = field(default="4,8,16,32", metadata={"help": "prefix lengths of value_report.json"})
     partial_input: bool = field(default=True, metadata={"help": "the scorer's partial-text score as an input"})
+    residual: bool = field(default=True, metadata={
+        "help": "the MLP learns a correction to the partial score, starting at zero (needs partial_input)"})
     width: int = field(default=256, metadata={"help": "MLP width"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout after each hidden layer"})
+    val_prompts: int = field(default=30, metadata={
+        "help": "training prompts held back to pick the epoch: the one whose head has the best within-prompt r at "
+                "the report lengths (epoch 0 = the untrained head; 0 = keep the last epoch)"})
     epochs: int = field(default=30, metadata={"help": "passes over the training pairs"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
@@ -75,6 +81,10 @@ class TargetValueConfig(StepArgs):
             raise SpecError("output_dir is required: set output_dir in the recipe or pass --output_dir DIR")
         if self.k < 2:
             raise SpecError(f"k must be >= 2 (within-prompt comparisons), got {self.k}")
+        if self.residual and not self.partial_input:
+            raise SpecError("residual: true corrects the partial score: it needs partial_input: true")
+        if self.val_prompts < 0:
+            raise SpecError(f"val_prompts must be >= 0, got {self.val_prompts}")
         if self.eval_prompts < 2:
             raise SpecError(f"eval_prompts must be >= 2, got {self.eval_prompts}")
         if self.oracle_m % 2 or self.oracle_m < 0:
@@ -98,6 +108,22 @@ def within_r(groups: list[tuple[list[float], list[float]]]) -> float:
     """Pearson r after centring x and y on each group's mean, pooled over groups (groups of < 2 skipped)."""
     from ..bench.oracle import _pooled_within
     return _pooled_within([g[0] for g in groups], [g[1] for g in groups])
+
+
+def mean_within_r(records: list[dict], pairs: list[dict], values: list[float], lens: list[int]) -> float:
+    """The within-prompt r of ``values`` with the final scores, averaged over the prefix lengths ``lens``."""
+    rs = []
+    for k in lens:
+        by_prompt: dict[int, tuple[list, list]] = {}
+        for p, v in zip(pairs, values):
+            if p["k"] == k:
+                xs, ys = by_prompt.setdefault(records[p["rec"]]["prompt_index"], ([], []))
+                xs.append(v)
+                ys.append(records[p["rec"]]["score"])
+        r = within_r(list(by_prompt.values()))
+        if not math.isnan(r):
+            rs.append(r)
+    return sum(rs) / len(rs) if rs else -math.inf
 
 
 def _visible(rec: dict, eos: set[int]) -> list[int]:
@@ -132,10 +158,16 @@ def tensors(head: TargetValueHead, records: list[dict], pairs: list[dict]):
     return head.features(h, h0, k, partial), torch.tensor([records[p["rec"]]["score"] for p in pairs])
 
 
-def fit(head: TargetValueHead, x: torch.Tensor, y: torch.Tensor, cfg: TargetValueConfig) -> list[float]:
-    """AdamW on mean squared error (standardised target); returns the loss of each epoch."""
+def fit(head: TargetValueHead, x: torch.Tensor, y: torch.Tensor, cfg: TargetValueConfig,
+        validate=None) -> tuple[list[float], list[float], int]:
+    """AdamW on mean squared error (standardised target). ``validate(head) -> r`` after every epoch (and
+    before the first): the head keeps the weights of the best epoch. Returns (loss per epoch, validation r
+    per epoch from epoch 0, the epoch kept)."""
     from tqdm.auto import trange
     head.standardize(x, y)
+    target = head.standardized_target(x, y)
+    val_r = [validate(head)] if validate else []
+    best = (val_r[0], {k: v.clone() for k, v in head.state_dict().items()}, 0) if validate else None
     opt = torch.optim.AdamW(head.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
@@ -147,15 +179,23 @@ def fit(head: TargetValueHead, x: torch.Tensor, y: torch.Tensor, cfg: TargetValu
         for start in range(0, len(x), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             pred = head.net((x[idx] - head.x_mean) / head.x_std).squeeze(-1)
-            loss = torch.nn.functional.mse_loss(pred, (y[idx] - head.y_mean) / head.y_std)
+            loss = torch.nn.functional.mse_loss(pred, target[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         losses.append(total / len(x))
+        if validate:
+            head.eval()
+            val_r.append(validate(head))
+            head.train()
+            if val_r[-1] > best[0]:
+                best = (val_r[-1], {k: v.clone() for k, v in head.state_dict().items()}, len(losses))
     head.eval()
-    return losses
+    if best is not None:
+        head.load_state_dict(best[1])
+    return losses, val_r, best[2] if best is not None else len(losses)
 
 
 def evaluate(head, records, texts, pairs, cfg, model, tok, scorer, eos, rng) -> dict:
@@ -165,8 +205,10 @@ def evaluate(head, records, texts, pairs, cfg, model, tok, scorer, eos, rng) -> 
     x, _ = tensors(head, records, pairs)
     with torch.no_grad():
         values = head(x).tolist()
+    from tqdm.auto import tqdm
     out = {}
-    for k in lengths(cfg.report_lengths):
+    for k in tqdm(lengths(cfg.report_lengths), desc="value report" + (" (Monte Carlo oracle)" if cfg.oracle_m else ""),
+                  unit="length"):
         at = [(p, v) for p, v in zip(pairs, values) if p["k"] == k]
         by_prompt: dict[int, list] = {}
         for p, v in at:
@@ -238,25 +280,46 @@ def run(cfg: TargetValueConfig) -> dict:
                                _visible(r, eos), {"logp": r["logp"]}, r["reason"]) for t, r in zip(texts, records)])
     for rec, s in zip(records, finals):
         rec["score"] = s
-    train_idx = [i for i, r in enumerate(records) if r["prompt_index"] not in held]
-    held_idx = [i for i, r in enumerate(records) if r["prompt_index"] in held]
-    head = TargetValueHead(model.config.hidden_size, cfg.width, cfg.partial_input)
-    train_recs = [records[i] for i in train_idx]
-    train_pairs = pairs_of(train_recs, [texts[i] for i in train_idx], tok, scorer, lengths(cfg.train_lengths), eos,
+    val = set(order[cfg.eval_prompts:cfg.eval_prompts + cfg.val_prompts])
+    if len(ids_all) - len(held) - len(val) < 2:
+        raise SpecError(f"{len(ids_all)} prompts leave fewer than 2 to fit on after {len(held)} held out and "
+                        f"{len(val)} for validation: raise limit or lower eval_prompts / val_prompts")
+    part = {name: [i for i, r in enumerate(records) if which(r["prompt_index"])]
+            for name, which in (("fit", lambda q: q not in held and q not in val), ("val", val.__contains__),
+                                ("held", held.__contains__))}
+    head = TargetValueHead(model.config.hidden_size, cfg.width, cfg.partial_input, cfg.residual, cfg.dropout)
+    train_recs = [records[i] for i in part["fit"]]
+    train_pairs = pairs_of(train_recs, [texts[i] for i in part["fit"]], tok, scorer, lengths(cfg.train_lengths), eos,
                            cfg.partial_input)
     x, y = tensors(head, train_recs, train_pairs)
+    validate = None
+    if val:
+        val_recs = [records[i] for i in part["val"]]
+        val_pairs = pairs_of(val_recs, [texts[i] for i in part["val"]], tok, scorer, lengths(cfg.report_lengths), eos,
+                             cfg.partial_input)
+        xv, yv = tensors(head, val_recs, val_pairs)
+
+        def validate(h):
+            with torch.no_grad():
+                return mean_within_r(val_recs, val_pairs, h(xv).tolist(), lengths(cfg.report_lengths))
     report(f"value head: {len(train_pairs)} (prefix, final score) pairs from {len(train_recs)} responses of "
-           f"{len(ids_all) - len(held)} prompts; {len(held)} prompts held out")
+           f"{len(ids_all) - len(held) - len(val)} prompts; {len(val)} prompts pick the epoch; {len(held)} held out")
     torch.manual_seed(cfg.seed)
-    losses = fit(head, x, y, cfg)
+    losses, val_r, kept = fit(head, x, y, cfg, validate)
+    if val_r:
+        report(f"kept epoch {kept} of {cfg.epochs}: validation within-prompt r {val_r[kept]:.3f} "
+               f"(epoch 0, the partial score alone for a residual head: {val_r[0]:.3f})")
+    held_idx = part["held"]
     held_recs = [records[i] for i in held_idx]
     held_texts = [texts[i] for i in held_idx]
     held_pairs = pairs_of(held_recs, held_texts, tok, scorer, lengths(cfg.report_lengths), eos, cfg.partial_input)
     rng = torch.Generator().manual_seed(cfg.seed + 1)
     table = evaluate(head, held_recs, held_texts, held_pairs, cfg, model, tok, scorer, eos, rng)
-    result = {"base_model": cfg.model, "features": "target", "scorer": cfg.scorer, "train_prompts": len(ids_all) - len(held),
+    result = {"base_model": cfg.model, "features": "target", "scorer": cfg.scorer, "residual": cfg.residual,
+              "train_prompts": len(ids_all) - len(held) - len(val), "val_prompts": len(val),
               "eval_prompts": len(held), "k": cfg.k, "max_new_tokens": cfg.max_new_tokens, "train_pairs": len(train_pairs),
-              "loss_first_last": [losses[0], losses[-1]], "by_prefix_length": table,
+              "loss_first_last": [losses[0], losses[-1]] if losses else None, "val_r_by_epoch": val_r,
+              "epoch_kept": kept, "by_prefix_length": table,
               "sample_s": round(sample_s, 1), "wall_s": round(time.perf_counter() - started, 1)}
     for k, e in table.items():
         line = f"k={k}: value head r {e['value_head_r']:.3f}, partial text r {e['partial_text_r']:.3f}"
