@@ -14,6 +14,8 @@ from specalign.train.dpo_config import DPOStepConfig
 from specalign.train.draft_config import DraftConfig
 from specalign.train.preferences_config import PreferencesConfig
 from specalign.train.reward_config import RewardStepConfig
+from specalign.train.cli import features_of
+from specalign.train.target_value import TargetValueConfig
 from specalign.train.value_config import ValueConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +67,10 @@ def test_every_smollm2_recipe_parses_for_its_step():
     assert {recipe_step(p) for p in recipes} == set(CONFIGS)
     for path in recipes:
         step = recipe_step(path)
-        (cfg,) = parse_config([CONFIGS[step]], ["--config", str(path)], f"specalign train {step}")
+        config = CONFIGS[step]
+        if step == "value" and features_of(["--config", str(path)]) == "target":
+            config = TargetValueConfig  # `specalign train value` dispatches on the recipe's features key
+        (cfg,) = parse_config([config], ["--config", str(path)], f"specalign train {step}")
         cfg.validate()
         assert cfg.output_dir.startswith("outputs/smollm2/")
     (draft,) = parse_config([DraftConfig], ["--config", str(ROOT / "recipes/smollm2/draft.yaml")], "draft")
