@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..models.loading import load_model, load_tokenizer
 from .common import (drop_checkpoints, finalize, is_main_process, plain_load, report, resume_from, setup_step,
-                     train_summary, wait_for_everyone)
+                     train_summary, wait_for_everyone, world_size)
 from .data import load_preferences, prompt_text, split_rows
 from .dpo_config import DPOStepConfig
 from .metrics import mean_se, pair_logps, paired
@@ -107,7 +107,7 @@ def _trainer_class():
 
 
 def run(cfg: DPOStepConfig) -> dict:
-    from datasets import Dataset
+    from datasets import Dataset, load_from_disk
     cfg.validate()
     started = time.perf_counter()
     work = setup_step(cfg)
@@ -131,6 +131,14 @@ def run(cfg: DPOStepConfig) -> dict:
     model.requires_grad_(True)
     keep = ("prompt", "chosen", "rejected")
     dataset = Dataset.from_list([{k: r[k] for k in keep} for r in train_rows])
+    if world_size() > 1 and cfg.precompute_ref_log_probs:
+        # TRL caches the precomputed reference log-probs beside the dataset's files, and an in-memory dataset's
+        # are in a per-process temporary folder: give every rank the same files, or the other ranks find none
+        shared = work / "train_pairs"
+        if is_main_process():
+            dataset.save_to_disk(str(shared))
+        wait_for_everyone()
+        dataset = load_from_disk(str(shared))
     cfg.output_dir, final_dir = str(work), cfg.output_dir
     try:
         trainer = _trainer_class()(model=model, args=cfg, train_dataset=dataset, processing_class=tok,
