@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from specalign.bench.oracle import OracleScorer, corrected_r, mc_values, parse_oracle, split_half
+from specalign.decode.oracle import OracleScorer, corrected_r, mc_values, parse_oracle, split_half
 from specalign.decode.cost import ModelCost
 from specalign.errors import SpecError
 from specalign.models.loading import chat_prompt

@@ -8,7 +8,7 @@ Pearson r and Kendall tau between partial and final scores; over prompts: mean, 
 Also per K and alpha: how often the final best response would survive one rejection at K that keeps
 round((1 - alpha) M), and the share of responses already finished by K.
 ``--rankers`` adds other scorers of the partial text (a value head ``value:DIR``), each correlated
-with every task's final score. ``--oracle M`` adds the ceiling (``oracle.py``): for the first
+with every task's final score. ``--oracle M`` adds the ceiling (``specalign.decode.oracle``): for the first
 ``--oracle-prefixes`` rows of each prompt cut to K tokens (``--oracle-ks``), M continuations sampled
 by the model and scored whole by the task estimate E[final | prefix]; its within-prompt correlation
 with the row's own final score, corrected for Monte Carlo noise by split-half reliability, bounds
@@ -137,7 +137,7 @@ def run(config: CorrelationBenchConfig) -> dict:
     from ..decode.sampling import SamplingParams
     from ..models.loading import load_model, load_tokenizer
     from ..models.scorers import build_scorer
-    from .oracle import _pooled_within, bootstrap_se, mc_values, split_half
+    from ..decode.oracle import _pooled_within, bootstrap_se, mc_values, split_half
     config.validate()
     set_threads(config.threads)
     model = load_model(config.model, config.dtype)

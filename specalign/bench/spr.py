@@ -20,7 +20,7 @@ For every prompt, on the same engine and sampling settings:
    Each replay runs once per ``--rankers`` entry: the scorer that ranks *partial* responses
    (finished ones always score the task). ``task`` is the task's scorer on the partial text;
    ``value:DIR`` (or any scorer spec) a learned scorer; ``oracle:M`` the Monte Carlo oracle
-   (``oracle.py``): the mean task score of M continuations sampled from each prefix, i.e. the best
+   (``specalign.decode.oracle``): the mean task score of M continuations sampled from each prefix, i.e. the best
    speedup any prefix scorer could give at this N, alpha and schedule. The oracle's continuations
    are a measuring cost: reported apart (``oracle_cost``), never in the method's target positions.
    When an entry is both measured and replayed, ``replay_minus_measured`` gives the paired
@@ -48,7 +48,7 @@ from ..models.scorers import Scorer
 from .common import (RecordingSampler, ReplayGenerator, Recorded, expected_best_of, expected_worst_of,
                      bootstrap_speedup, format_speedup, improvement_score, improvement_terms, markdown_table, mean_se, plot_score_vs_compute,
                      powers_of_two, recorded_rows, set_threads, speedup, write_results)
-from .oracle import OracleScorer, parse_oracle
+from ..decode.oracle import OracleScorer, parse_oracle
 
 
 @dataclass

@@ -9,7 +9,7 @@
    (prefix, final score) pairs of the training prompts.
 4. ``value_report.json``: on held-out prompts (disjoint from training), the within-prompt correlation
    between the head's value after k tokens and the response's final score, at each report length,
-   next to the scorer on the partial text and the Monte Carlo oracle (``specalign.bench.oracle``: the
+   next to the scorer on the partial text and the Monte Carlo oracle (``specalign.decode.oracle``: the
    ceiling any prefix scorer can reach, split-half corrected) on the same prefixes.
 
 The output directory records the base model (a head is refused for another ``--model``), the scorer
@@ -106,7 +106,7 @@ def lengths(spec: str, name: str = "lengths") -> list[int]:
 
 def within_r(groups: list[tuple[list[float], list[float]]]) -> float:
     """Pearson r after centring x and y on each group's mean, pooled over groups (groups of < 2 skipped)."""
-    from ..bench.oracle import _pooled_within
+    from ..decode.oracle import _pooled_within
     return _pooled_within([g[0] for g in groups], [g[1] for g in groups])
 
 
@@ -200,7 +200,7 @@ def fit(head: TargetValueHead, x: torch.Tensor, y: torch.Tensor, cfg: TargetValu
 
 def evaluate(head, records, texts, pairs, cfg, model, tok, scorer, eos, rng) -> dict:
     """value_report.json's correlations on held-out records (see module doc)."""
-    from ..bench.oracle import bootstrap_se, mc_values, split_half
+    from ..decode.oracle import bootstrap_se, mc_values, split_half
     from ..decode.sampling import SamplingParams
     x, _ = tensors(head, records, pairs)
     with torch.no_grad():
