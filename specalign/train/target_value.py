@@ -200,12 +200,12 @@ def fit(head: TargetValueHead, x: torch.Tensor, y: torch.Tensor, cfg: TargetValu
 
 def evaluate(head, records, texts, pairs, cfg, model, tok, scorer, eos, rng) -> dict:
     """value_report.json's correlations on held-out records (see module doc)."""
+    from tqdm.auto import tqdm
     from ..decode.oracle import bootstrap_se, mc_values, split_half
     from ..decode.sampling import SamplingParams
     x, _ = tensors(head, records, pairs)
     with torch.no_grad():
         values = head(x).tolist()
-    from tqdm.auto import tqdm
     out = {}
     for k in tqdm(lengths(cfg.report_lengths), desc="value report" + (" (Monte Carlo oracle)" if cfg.oracle_m else ""),
                   unit="length"):
@@ -297,7 +297,7 @@ def run(cfg: TargetValueConfig) -> dict:
         val_recs = [records[i] for i in part["val"]]
         val_pairs = pairs_of(val_recs, [texts[i] for i in part["val"]], tok, scorer, lengths(cfg.report_lengths), eos,
                              cfg.partial_input)
-        xv, yv = tensors(head, val_recs, val_pairs)
+        xv, _ = tensors(head, val_recs, val_pairs)
 
         def validate(h):
             with torch.no_grad():
