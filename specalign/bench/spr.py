@@ -21,7 +21,8 @@ For every prompt, on the same engine and sampling settings:
    (finished ones always score the task). ``task`` is the task's scorer on the partial text;
    ``value:DIR`` (or any scorer spec) a learned scorer; ``oracle:M`` the Monte Carlo oracle
    (``specalign.decode.oracle``): the mean task score of M continuations sampled from each prefix, i.e. the best
-   speedup any prefix scorer could give at this N, alpha and schedule. The oracle's continuations
+   speedup any prefix scorer could give at this N, alpha and schedule once M makes its values reliable (a
+   small M ranks by noisy values: a lower bound on that ceiling). The oracle's continuations
    are a measuring cost: reported apart (``oracle_cost``), never in the method's target positions.
    When an entry is both measured and replayed, ``replay_minus_measured`` gives the paired
    per-prompt difference (improvement, score, positions) with its standard error.
