@@ -9,8 +9,8 @@ summarises prompt + prefix; a small MLP on it predicts the final score of the wh
 with h_k the state after the k-th response token, h_0 the state after the prompt (the prompt's
 baseline), and s_k the learned scorer on the partial text (optional). With ``residual`` the MLP
 learns a correction to s_k and starts at zero (its last layer zero-initialised), so an untrained or
-early-stopped head ranks exactly like the scorer on partial text. Features and target are standardised with the training set's statistics (kept in the
-head). ``TargetValueScorer`` (``--scorer value:DIR`` on such a directory) reads h_k / h_0 from the
+early-stopped head ranks exactly like the scorer on partial text. Features and target are
+standardised with the training set's statistics (kept in the head). ``TargetValueScorer`` (``--scorer value:DIR`` on such a directory) reads h_k / h_0 from the
 candidates the sampling generator hands it (``SamplingGenerator.track_hidden``); finished rows score
 the learned scorer's final score, so all candidates compete on one scale. It costs no target position.
 
