@@ -62,24 +62,11 @@ def _launched_world() -> tuple[int, int]:
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
-def _spawn_shards(args: list[str], config) -> None:
-    """``--num-processes K``: K child processes, one shard each; raises if any fails."""
-    import subprocess
-    threads = max(1, (os.cpu_count() or 1) // config.num_processes)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    procs = [subprocess.Popen([sys.executable, "-m", "specalign.cli", "decode", *args, "--num_processes", "1",
-                               "--shard", f"{r}/{config.num_processes}"], env=env)
-             for r in range(config.num_processes)]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SpecError(f"decode shards exited with codes {codes}: see their messages above; re-run the same "
-                        "command to resume")
-
-
 def decode_main(args: list[str]) -> int:
     from .decode.api import DecodeConfig, Decoder, run_params
     from .decode.prompts import load_prompts
     from .decode.runs import merge_shards
+    from .shards import spawn_shards
     show = "--show" in args
     args = [a for a in args if a != "--show"]
     (config,) = parse_config([DecodeConfig], args, "specalign decode")
@@ -101,7 +88,7 @@ def decode_main(args: list[str]) -> int:
         for p in prompts:  # fail once, here, before any shard starts
             checker.encode(p)
         del checker
-        _spawn_shards(args, config)
+        spawn_shards(["decode"], args, config.num_processes)
         records = merge_shards(config.out, config.num_processes, len(prompts), run_params(config, prompts))
     else:
         decoder = Decoder(config)

@@ -260,3 +260,42 @@ def test_bench_w2s_input_errors(study_models, tmp_path):
     with pytest.raises(SpecError, match="power of 2"):
         run(study_config(study_models, tmp_path / "c", sss_bon_n=3))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bench_w2s_ranks_by_a_target_value_head_in_two_processes(study_models, tmp_path):
+    """spr-target-value runs with a head on the study target's states (the sampler keeps them for it);
+    spr+sss-target-value is listed as skipped; --num-processes 2 fills the same records as one process."""
+    import json as _json
+
+    import yaml
+
+    from specalign.bench.w2s import main, run
+    from specalign.models.loading import load_model
+    from specalign.models.target_value import TargetValueHead, model_fingerprint
+    judge = "python:specalign.train.pipeline:vowel_judge"
+    target = load_model(study_models["target"], "float32")
+    head = TargetValueHead(target.config.hidden_size, width=16, residual=True)
+    with torch.no_grad():  # a correction that depends on the states: the head does not rank like the judge
+        head.net[-1].weight.copy_(torch.randn(head.net[-1].weight.shape, generator=torch.Generator().manual_seed(0)))
+    (tmp_path / "head").mkdir()
+    head.save(tmp_path / "head", {"base_model": study_models["target"], "fingerprint": model_fingerprint(target),
+                                  "scorer": judge})
+    kw = dict(target_value=str(tmp_path / "head"), bon_n=4,
+              methods=["best-of-n", "spr-judge", "spr-target-value", "spr+sss-target-value"])
+    cfg = study_config(study_models, tmp_path / "two", **kw)
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({k: getattr(cfg, k) for k in ("model", "dpo", "judge", "prompts", "limit",
+                                                                   "max_new_tokens", "n", "alpha", "decision",
+                                                                   "gamma", "shift_lambda", "threads", "output_dir",
+                                                                   "target_value", "bon_n", "methods")}))
+    assert main(["--config", str(config), "--num_processes", "2"]) == 0
+    two = _json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["records_run"] == 0 and two["records_reused"] == 3 * 3  # the shards ran every record
+    assert list(two["skipped"]) == ["spr+sss-target-value"] and "resamples" in two["skipped"]["spr+sss-target-value"]
+    one = run(study_config(study_models, tmp_path / "one", **kw))
+    assert one["records_run"] == 3 * 3
+    for a, b in zip(one["per_prompt"], two["per_prompt"]):  # same seeds: same answers, same costs
+        for key in ("best-of-n", "spr-judge", "spr-target-value"):
+            assert (a[key]["gold"], a[key]["positions"]) == (b[key]["gold"], b[key]["positions"])
+    # the head, not the judge, chose which rows survived: some prompt ends with another answer
+    assert any(r["spr-target-value"]["gold"] != r["spr-judge"]["gold"] for r in one["per_prompt"])

@@ -16,7 +16,9 @@ gold judge that scores every method's answer:
     spr-adaptive        --alpha auto with the judge (and spr-adaptive-value with the value head)
     spr+sss-implicit    N SSS rows (lambda = --shift-lambda) pruned by Speculative Rejection on the free
                         implicit reward sum log(qr/q0)
-    spr+sss-value       the same, ranked by --value (spr+sss-target-value: by --target-value)
+    spr+sss-value       the same, ranked by --value (spr+sss-target-value is listed as skipped: the
+                        target-feature head needs the target's state after every emitted token, which
+                        SSS's verification does not compute for the token it resamples)
 
 Per method: mean gold score with its standard error over prompts; its paired difference with target
 sampling and with Best-of-N at matched compute (the largest N whose target positions, or target
@@ -31,6 +33,7 @@ prompt, each method's record under a fingerprint of the settings it depends on (
 value heads by their files): a re-run reuses what matches and runs the rest, so the study resumes
 after a stop, and adding a method or a lambda runs only that. Outputs under ``--output-dir``:
 results.json, table.md, frontier.png (gold against target calls and against target positions).
+``--num-processes K`` fills the records in K processes (one shard each) before writing the results.
 Methods whose models are missing (no --dpo: no draft / SSS; no --value / --target-value: no value
 methods) are left out and listed under ``skipped``.
 """
@@ -94,6 +97,9 @@ class W2SBenchConfig:
                                                                  "(default: OUTPUT_DIR.work)"})
     shard: str = field(default="", metadata={"help": "R/K: fill the work dir's records of prompts i with i % K == R "
                                                      "only (parallel processes); a run without it writes the results"})
+    num_processes: int = field(default=1, metadata={
+        "help": "K > 1: K child processes fill the records (--shard R/K each, the cores split between them), "
+                "then this one writes the results"})
 
     def validate(self) -> "W2SBenchConfig":
         for name in ("bon_n", "sss_bon_n"):
@@ -113,6 +119,8 @@ class W2SBenchConfig:
                 raise SpecError(f"shift lambdas must be finite numbers, got {lam!r}")
         if self.shard:
             self.shard_of()
+        if self.num_processes < 1:
+            raise SpecError(f"num-processes must be >= 1, got {self.num_processes}")
         for path, what in ((self.dpo, "dpo"), (self.value, "value"), (self.target_value, "target-value")):
             if path and not Path(path).is_dir():
                 raise SpecError(f"--{what} {path}: directory not found (train it first, or leave it out)")
@@ -177,6 +185,9 @@ class Setup:
                 self.skipped[m] = "no --dpo adapter"
             elif "target-value" in m and cfg.target_value is None:
                 self.skipped[m] = "no --target-value head"
+            elif m == "spr+sss-target-value":
+                self.skipped[m] = ("the target-feature head reads the target's state after each emitted token; SSS's "
+                                   "verification does not compute it for the token it resamples")
             elif "value" in m and "target-value" not in m and cfg.value is None:
                 self.skipped[m] = "no --value head"
         self.methods = [m for m in cfg.methods if m not in self.skipped]
@@ -328,8 +339,11 @@ def run_key(setup: Setup, key: str, prompt: str, ids: list[int], seed: int) -> d
     if name == "sss":
         return sample_batch(setup, setup.sss(float(arg)), cfg.sss_bon_n, prompt, ids, seed)
     generator = setup.sss(cfg.shift_lambda) if "sss" in name else setup.sampler()
+    scorer = setup.scorer(SPR_SCORERS[name])
+    if getattr(scorer, "needs_hidden", False):  # the target-feature head reads the rows' states as they sample
+        generator.track_hidden()
     selector = setup.spr(adaptive="adaptive" in name, alpha=float(arg) if arg else None)
-    return measure(setup, generator, selector, setup.scorer(SPR_SCORERS[name]), prompt, ids, seed)
+    return measure(setup, generator, selector, scorer, prompt, ids, seed)
 
 
 def _write_atomic(path: Path, data: dict) -> None:
@@ -706,8 +720,15 @@ def write(report: dict, output_dir) -> Path:
 
 def main(args: list[str]) -> int:
     from ..cli import parse_config
+    from ..shards import spawn_shards
     (cfg,) = parse_config([W2SBenchConfig], args, "specalign bench w2s")
+    start = time.perf_counter()
+    if cfg.num_processes > 1 and not cfg.shard:
+        cfg.validate()
+        spawn_shards(["bench", "w2s"], args, cfg.num_processes)
     report = run(cfg)
+    if cfg.num_processes > 1 and not cfg.shard:
+        report["wall_s"] = round(time.perf_counter() - start, 1)  # the shards' time included
     if cfg.shard:
         print(f"shard {cfg.shard}: {report['prompts']} prompts' records in {report['work_dir']} "
               f"({report['records_run']} run now); run without --shard to write the results")
