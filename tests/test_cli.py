@@ -190,3 +190,21 @@ def test_readme_python_example_runs(smollm2):
     text = (ROOT / "README.md").read_text()
     block = re.search(r"## Python API.*?```python\n(.*?)```", text, re.S).group(1)
     exec(compile(block, "README.md", "exec"), {})
+
+
+def _every_command():
+    from specalign.bench import BENCHES
+    from specalign.train.cli import STEPS
+    return [["decode"], ["run"], ["serve"], *(["bench", b] for b in BENCHES), *(["train", s] for s in STEPS)]
+
+
+@pytest.mark.parametrize("command", _every_command(), ids=" ".join)
+def test_every_command_prints_its_help(command, capsys):
+    """--help of every command renders (a stray % in a flag's help text breaks argparse's formatting)."""
+    try:
+        code = main([*command, "--help"])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "usage:" in out.out and "--" in out.out, out.out[:300]

@@ -95,7 +95,7 @@ class W2SBenchConfig:
     output_dir: str = field(default="benchmarks/results/w2s", metadata={"help": "results.json, table.md, frontier.png"})
     work_dir: str | None = field(default=None, metadata={"help": "per-prompt records, reused on a re-run "
                                                                  "(default: OUTPUT_DIR.work)"})
-    shard: str = field(default="", metadata={"help": "R/K: fill the work dir's records of prompts i with i % K == R "
+    shard: str = field(default="", metadata={"help": "R/K: fill the work dir's records of prompts i with i %% K == R "
                                                      "only (parallel processes); a run without it writes the results"})
     num_processes: int = field(default=1, metadata={
         "help": "K > 1: K child processes fill the records (--shard R/K each, the cores split between them), "
